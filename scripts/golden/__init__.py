@@ -1,0 +1,1 @@
+"""Parts of make_golden.py: one module per library area, each with make(root)."""
