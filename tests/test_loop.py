@@ -55,6 +55,7 @@ def test_accumulation_equals_one_large_batch():
     r2 = train(m2, data, collate, causal_lm_loss, TrainConfig(batch_size=8, grad_accum=1, **base))
     assert max_diff(weights(m1), weights(m2)) < 1e-6  # fp32, the bar
     assert r1.losses == pytest.approx(r2.losses, rel=1e-6, abs=0)
+    assert 0 < max_diff(weights(m1), weights(tiny())) # it trained
 
 
 def test_gradient_is_the_token_mean_not_the_mean_of_micro_batch_means():
