@@ -241,6 +241,33 @@ def accumulate_gradients(model, batches: Sequence[dict], loss_fn: Callable, scal
     return loss_sum, count, tokens
 
 
+def train_step(model, optimizer: torch.optim.Optimizer, batches: Sequence[dict], loss_fn: Callable, scaler=None,
+               amp_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None
+               ) -> tuple[float, float, int, float]:
+    """One optimizer step over accumulated micro-batches: gradients → unscale (fp16) → clip → AdamW.
+
+    Skips the update when no token carries a label (count 0). Raises NonFiniteLossError, with
+    the weights untouched, on a NaN/Inf loss. Returns (loss sum, count, tokens, grad norm)."""
+    loss_sum, count, tokens = accumulate_gradients(model, batches, loss_fn, scaler, amp_dtype)
+    if not math.isfinite(loss_sum):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the loss is {loss_sum}")
+    grad_norm = float("nan")
+    if count > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if max_grad_norm is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, count, tokens, grad_norm
+
+
 @torch.no_grad()
 def evaluate(model, dataset: Sequence, collate: Callable, loss_fn: Callable, batch_size: int = 8,
              precision: str = "fp32") -> dict[str, float]:
@@ -362,22 +389,14 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
             for g in optimizer.param_groups:
                 g["lr"] = lr
             batches = [to_device(collate([dataset[j] for j in idx]), device) for idx in group]
-            loss_sum, count, tokens = accumulate_gradients(wrapped, batches, loss_fn, scaler, amp_dtype)
-            if not math.isfinite(loss_sum):
-                optimizer.zero_grad(set_to_none=True)
+            try:
+                loss_sum, count, tokens, grad_norm = train_step(wrapped, optimizer, batches, loss_fn, scaler,
+                                                                amp_dtype, cfg.max_grad_norm)
+            except NonFiniteLossError as e:
                 raise NonFiniteLossError(
-                    f"step {step} (epoch {epoch}): the loss is {loss_sum} — stopping before updating the weights. "
-                    f"Lower the learning rate (now {lr:.3g}), use bf16 or fp32 instead of fp16, or check the data "
-                    f"for NaN/Inf inputs.")
-            grad_norm = float("nan")
-            if count > 0:
-                scaler.unscale_(optimizer)
-                if cfg.max_grad_norm is not None:
-                    params = [p for p in model.parameters() if p.grad is not None]
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+                    f"step {step} (epoch {epoch}): {e} — stopping before updating the weights. Lower the learning "
+                    f"rate (now {lr:.3g}), use bf16 or fp32 instead of fp16, or check the data for NaN/Inf "
+                    f"inputs.") from None
             loss = loss_sum / count if count > 0 else 0.0  # an all-masked step: no update, loss 0
             step += 1
             tokens_seen += tokens * world
