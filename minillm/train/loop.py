@@ -32,7 +32,9 @@ cpu unless given. Under `torchrun --nproc_per_node N` (or any initialized proces
 model is wrapped in DistributedDataParallel, each process reads its DistributedSampler shard,
 counts are all-reduced so the normalization above is global, and only rank 0 logs and saves.
 Progress goes to stderr as one line per log_every steps; metrics to <out_dir>/metrics.jsonl;
-checkpoints to <out_dir>/checkpoints (checkpoint.py). A NaN/Inf loss stops the run with a message
+checkpoints to <out_dir>/checkpoints (checkpoint.py), and `resume` continues from them bit for bit
+(the data order and schedule are functions of the step; the loop seeds torch's global generator
+with seed + rank at the start of a fresh run). A NaN/Inf loss stops the run with a message
 before the weights are touched.
 
 Sources: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW, 2019); Micikevicius
