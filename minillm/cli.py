@@ -137,7 +137,7 @@ def cmd_sft(args) -> int:
     from minillm.models.gpt2 import GPT2LMHeadModel
     from minillm.tokenizer import Tokenizer
     from minillm.train.data import CausalLMCollator, add_chat_tokens, encode_sft, read_records
-    from minillm.train.loop import causal_lm_loss, evaluate, setup_distributed, train
+    from minillm.train.loop import causal_lm_loss, evaluate, setup_distributed, teardown_distributed, train
 
     if args.quantize and not args.lora_r:
         raise SystemExit("--quantize nf4 freezes the base weights: it needs --lora-r (QLoRA)")
@@ -187,6 +187,7 @@ def cmd_sft(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved {out} (load with GPT2LMHeadModel.from_pretrained); final loss "
               f"{summary['final_loss']:.4f}" if result.losses else f"saved {out}")
+    teardown_distributed()
     return 0
 
 
@@ -216,7 +217,7 @@ def cmd_classify(args) -> int:
     from minillm import hub
     from minillm.tokenizer import Tokenizer
     from minillm.train.data import ClassificationCollator, encode_classification, label_set, read_records
-    from minillm.train.loop import setup_distributed, to_device, train
+    from minillm.train.loop import setup_distributed, teardown_distributed, to_device, train
     from minillm.train.metrics import multilabel_metrics
 
     try:
@@ -274,6 +275,7 @@ def cmd_classify(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(
             {"labels": names, "steps": result.step, "final_loss": result.losses[-1], "eval": final}, indent=2) + "\n")
         print(" | ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or f"saved {out}")
+    teardown_distributed()
     return 0
 
 
