@@ -42,7 +42,8 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
     if problem_type == "regression":
         return F.mse_loss(logits.squeeze(-1) if num_labels == 1 else logits, labels.to(logits.dtype))
     if problem_type == "single_label_classification":
-        if labels.numel() and (labels.max() >= num_labels or labels[labels != -100].min(initial=0) < 0):
+        kept = labels[labels != -100]
+        if kept.numel() and (kept.max() >= num_labels or kept.min() < 0):
             raise ValueError(f"labels must be class ids in [0, {num_labels}) (or -100 to ignore), "
                              f"found {int(labels.min())}..{int(labels.max())}")
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long(), ignore_index=-100)
