@@ -73,7 +73,7 @@ class ImageProcessor:
             from PIL import Image  # optional: only to open files
             image = Image.open(image).convert("RGB")
         if type(image).__module__.startswith("PIL."):
-            image = np.asarray(image.convert("RGB"))
+            image = np.array(image.convert("RGB"))  # a writable copy
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(np.ascontiguousarray(image))
         if not torch.is_tensor(image):
