@@ -46,10 +46,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_attention(sub) -> None:
+    p = sub.add_parser("attention", help="print one layer/head's attention weights for a sentence (BERT, DistilBERT)")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="checkpoint directory, weights/<name>, or hub id")
+    p.add_argument("--text", default="I like cats")
+    p.add_argument("--layer", type=int, default=0, help="0-based; negative counts from the last layer")
+    p.add_argument("--head", type=int, default=0)
+    p.add_argument("--no-special", action="store_true", help="encode without [CLS]/[SEP]")
+    p.add_argument("--png", default=None, help="also write a heatmap here (needs the plots extra: matplotlib)")
+    p.set_defaults(func=cmd_attention)
+
+
+def cmd_attention(args) -> int:
+    from minillm.attention_map import attention_map, format_table, save_heatmap
+    from minillm.hub import CheckpointError
+
+    try:
+        tokens, weights = attention_map(args.model, args.text, args.layer, args.head,
+                                        add_special_tokens=not args.no_special)
+    except (ValueError, CheckpointError) as e:
+        print(f"minillm attention: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: layer {args.layer}, head {args.head} (row = query, column = key; rows sum to 100%)")
+    print(format_table(tokens, weights))
+    if args.png:
+        path = save_heatmap(tokens, weights, args.png, title=f"{args.model} layer {args.layer} head {args.head}")
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     sub = ap.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_attention(sub)
     return ap
 
 
