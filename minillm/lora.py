@@ -237,7 +237,9 @@ def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
 
 UNSUPPORTED = {"use_dora": (False, None), "modules_to_save": (None, []), "rank_pattern": ({}, None),
                "alpha_pattern": ({}, None), "layers_to_transform": (None,), "lora_bias": (False, None),
-               "bias": ("none", None), "target_parameters": (None, [])}
+               "bias": ("none", None), "target_parameters": (None, []), "exclude_modules": (None, []),
+               "layer_replication": (None,), "trainable_token_indices": (None,), "use_qalora": (False, None),
+               "alora_invocation_tokens": (None,)}
 
 
 def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:
