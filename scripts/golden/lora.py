@@ -86,7 +86,8 @@ def make(root: Path) -> None:
         w = m.weight.detach().t().contiguous()  # (out, in)
         q = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=True, compute_dtype=torch.float32,
                               quant_type="nf4", compress_statistics=False)
-        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64)
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64,
+                                     compress_statistics=False)  # no double quantization (Params4bit's default is on)
         q.bias = torch.nn.Parameter(m.bias.detach().clone(), requires_grad=False)
         parent, _, child = n.rpartition(".")
         setattr(qbase.get_submodule(parent), child, q.to("cpu"))

@@ -8,12 +8,12 @@ double quantization listed in the metadata as JSON):
   c<i>.nested_absmax, c<i>.offset      (with double quantization: state2.absmax, offset)
   c<i>.dequant      dequantize_4bit(...) in the input dtype, reshaped to the input shape
 plus nf4_code / dynamic_code (bitsandbytes' tables) and one bitsandbytes Linear4bit forward
-(linear.weight, linear.bias, linear.x, linear.y for compute dtype float32; linear.y_bf16 for bfloat16).
+(linear.weight, linear.bias, linear.x; linear.y for compute dtype float32, linear.y_bf16 for bfloat16,
+linear.y_dq for float32 with double quantization).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -65,15 +65,15 @@ def make(root: Path) -> None:
     lin = torch.nn.Linear(48, 40)
     x = torch.randn(3, 5, 48, generator=g)
     outs = {}
-    for name, cd in (("y", torch.float32), ("y_bf16", torch.bfloat16)):
-        q = bnb.nn.Linear4bit(48, 40, bias=True, compute_dtype=cd, quant_type="nf4", compress_statistics=False)
+    for name, cd, dq in (("y", torch.float32, False), ("y_bf16", torch.bfloat16, False), ("y_dq", torch.float32, True)):
+        q = bnb.nn.Linear4bit(48, 40, bias=True, compute_dtype=cd, quant_type="nf4", compress_statistics=dq)
         q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                     blocksize=64)
+                                     blocksize=64, compress_statistics=dq)  # Params4bit's default is True
         q.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         q = q.to("cpu")  # quantizes the weight (Params4bit._quantize)
         with torch.no_grad():
             outs[name] = q(x.to(cd))
     t.update({"linear.weight": lin.weight.detach(), "linear.bias": lin.bias.detach(), "linear.x": x,
-              "linear.y": outs["y"], "linear.y_bf16": outs["y_bf16"]})
+              "linear.y": outs["y"], "linear.y_bf16": outs["y_bf16"], "linear.y_dq": outs["y_dq"]})
     write_golden(root, "nf4", t, {"source": f"bitsandbytes {bnb.__version__} quantize_4bit/dequantize_4bit (CPU)",
-                                  "cases": json.dumps(meta)})
+                                  "cases": meta})
