@@ -150,7 +150,8 @@ def apply_lora(model: nn.Module, target_modules: Union[str, Sequence[str]], r: i
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora))
+        wrapper = LoRALinear(layer, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        setattr(parent, child, wrapper.train(layer.training))  # an eval-mode model stays in eval mode
     model.lora_config = {"target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
                          "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora}
     return model

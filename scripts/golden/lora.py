@@ -48,11 +48,12 @@ def make(root: Path) -> None:
     ids = torch.randint(0, 512, (2, 6), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # minillm's positions for left padding
     t = {"input_ids": ids, "attention_mask": mask}
 
     def logits(m):
         with torch.no_grad():
-            return m(ids).logits, m(ids, attention_mask=mask).logits
+            return m(ids).logits, m(ids, attention_mask=mask, position_ids=pos).logits
 
     base = GPT2LMHeadModel.from_pretrained(base_dir).eval()
     t["base_logits"], _ = logits(base)
