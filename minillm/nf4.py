@@ -373,7 +373,8 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(lin, blocksize, double_quant, compute_dtype))
+        q = Linear4bit.from_linear(lin, blocksize, double_quant, compute_dtype)
+        setattr(parent, child, q.train(lin.training))  # an eval-mode model stays in eval mode
     return model
 
 
