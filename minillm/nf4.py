@@ -189,8 +189,7 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     q = q.reshape(-1)
     if q.numel() % 2:
         q = F.pad(q, (0, 1), value=7)
-    q = q.view(-1, 2)  # (bytes, 2): (high, low)
-    return (q[:, 0] * 16 + q[:, 1]).to(torch.uint8)
+    return torch.add(q[1::2], q[0::2], alpha=16).to(torch.uint8)  # 16·high + low
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -292,13 +291,14 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         self.weight_shape, self.weight_dtype = tuple(state.shape), state.dtype
         self.blocksize = state.blocksize
+        # Buffers only (frozen). The float32 scales are kept as their int32 bit patterns so that
+        # model.to(torch.bfloat16) / .half() cannot round them (casts skip integer buffers).
         self.register_buffer("weight_packed", packed)
-        if state.double_quant:
-            self.register_buffer("weight_absmax_codes", state.absmax_codes)
-            self.register_buffer("weight_nested_absmax", state.nested_absmax)
-            self.register_buffer("weight_offset", state.offset)
-        else:
-            self.register_buffer("weight_absmax", state.absmax_f32)
+        self.register_buffer("weight_absmax_codes", None)
+        self.register_buffer("weight_nested_absmax", None)
+        self.register_buffer("weight_offset", None)
+        self.register_buffer("weight_absmax", None)
+        self._store(state)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
 
     @classmethod
@@ -307,19 +307,28 @@ class Linear4bit(nn.Module):
         packed, state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
 
+    def _store(self, state: NF4State) -> None:
+        bits = lambda t: t.contiguous().view(torch.int32)  # noqa: E731  float32 -> its bit pattern
+        if state.double_quant:
+            self.weight_absmax_codes = state.absmax_codes
+            self.weight_nested_absmax, self.weight_offset = bits(state.nested_absmax), bits(state.offset)
+        else:
+            self.weight_absmax = bits(state.absmax_f32)
+
     @property
     def state(self) -> NF4State:
         s = NF4State(shape=torch.Size(self.weight_shape), dtype=self.weight_dtype, blocksize=self.blocksize)
-        if hasattr(self, "weight_absmax_codes"):
-            s.absmax_codes, s.nested_absmax, s.offset = (
-                self.weight_absmax_codes, self.weight_nested_absmax.float(), self.weight_offset.float())
+        if self.double_quant:
+            s.absmax_codes = self.weight_absmax_codes
+            s.nested_absmax = self.weight_nested_absmax.view(torch.float32)
+            s.offset = self.weight_offset.view(torch.float32)
         else:
-            s.absmax_f32 = self.weight_absmax.float()
+            s.absmax_f32 = self.weight_absmax.view(torch.float32)
         return s
 
     @property
     def double_quant(self) -> bool:
-        return hasattr(self, "weight_absmax_codes")
+        return self.weight_absmax_codes is not None
 
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(out, in): the stored dtype's dequantization (bit-exact with bitsandbytes), then `dtype`."""
@@ -330,11 +339,7 @@ class Linear4bit(nn.Module):
         """Re-quantize a new full-precision weight into this layer (same block size and double quant)."""
         packed, state = quantize_nf4(weight.detach().to(self.weight_dtype), self.blocksize, self.double_quant)
         self.weight_packed = packed
-        if state.double_quant:
-            self.weight_absmax_codes, self.weight_nested_absmax, self.weight_offset = (
-                state.absmax_codes, state.nested_absmax, state.offset)
-        else:
-            self.weight_absmax = state.absmax_f32
+        self._store(state)
 
     def weight_nbytes(self) -> int:
         return nf4_nbytes(self.weight_packed, self.state)
