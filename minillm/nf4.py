@@ -279,6 +279,26 @@ def nf4_nbytes(packed: torch.Tensor, state: NF4State) -> int:
 # A frozen 4-bit linear layer
 # ---------------------------------------------------------------------------------------------
 
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b with W dequantized in the forward and again in the backward, so the
+    full-precision weight is never held between the two: for QLoRA training only the 4-bit codes
+    stay in memory (bitsandbytes' MatMul4Bit does the same). W gets no gradient; x and b do."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, dtype):
+        ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
+        return F.linear(x, layer.dequantize_weight(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.layer.dequantize_weight(ctx.dtype)  # (..., out) @ (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_b, None, None
+
+
 class Linear4bit(nn.Module):
     """y = x · dequant(W_nf4)ᵀ + b, the weight frozen in NF4 and dequantized in the compute dtype
     (fp32, bf16 or fp16; default: the input's dtype) at every forward, as bitsandbytes'
@@ -346,9 +366,11 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        w = self.dequantize_weight(dtype)  # (out, in)
         b = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x.to(dtype), w, b).to(x.dtype)
+        xc = x.to(dtype)
+        if torch.is_grad_enabled() and (xc.requires_grad or (b is not None and b.requires_grad)):
+            return _Linear4bitFunction.apply(xc, b, self, dtype).to(x.dtype)  # re-dequantizes in backward
+        return F.linear(xc, self.dequantize_weight(dtype), b).to(x.dtype)  # W: (out, in)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -54,6 +54,23 @@ def test_gradients_reach_only_lora(double_quant):
     assert not any(b.requires_grad for b in model.buffers())  # the NF4 weights are buffers
 
 
+@pytest.mark.parametrize("dq", [False, True])
+def test_linear4bit_gradients_equal_dequantized_linear(dq):
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(nn.Linear(40, 24), blocksize=32, double_quant=dq)
+    w = q.dequantize_weight()
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    g = torch.randn(3, 5, 24)
+    (q(x) * g).sum().backward()
+    gx, gb = x.grad.clone(), q.bias.grad.clone()
+    x.grad = None
+    b = q.bias.detach().clone().requires_grad_(True)
+    (nn.functional.linear(x, w, b) * g).sum().backward()
+    # fp32: the same products, possibly summed in another order -> 1e-6
+    torch.testing.assert_close(gx, x.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gb, b.grad, atol=1e-6, rtol=1e-6)
+
+
 def test_few_steps_lower_the_loss():
     torch.manual_seed(0)
     model = qlora_model().train()

@@ -85,8 +85,8 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _child(mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "memory-child", mode], capture_output=True, text=True,
+def _child(mode: str, batch: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "memory-child", mode, str(batch)], capture_output=True, text=True,
                          cwd=str(ROOT), check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child '{mode}' failed:\n{out.stderr[-3000:]}")
@@ -100,7 +100,7 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(mode: str) -> dict:
+def memory_child(mode: str, batch: int = 4) -> dict:
     import ctypes
     import gc
 
@@ -123,7 +123,8 @@ def memory_child(mode: str) -> dict:
     trainable, total = count_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    ids = torch.randint(0, cfg.vocab_size, (4, 128))
+    ids = torch.randint(0, cfg.vocab_size, (batch, 128))
+    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1).reshape(-1)  # next token; last ignored
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -137,15 +138,15 @@ def memory_child(mode: str) -> dict:
     before_step_kb = _rss_kb("VmRSS")
     for _ in range(2):
         logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.view(-1, cfg.vocab_size), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         del logits, loss
     peak_kb = _rss_kb("VmHWM")
-    return {"mode": mode, "step_mb": (peak_kb - base_kb) / 1024, "resident_before_step_mb": (before_step_kb - base_kb) / 1024,
+    return {"mode": mode, "batch": batch, "step_mb": (peak_kb - base_kb) / 1024, "resident_before_step_mb": (before_step_kb - base_kb) / 1024,
             "trainable": trainable, "params": total, "method": method}
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "memory-child":
-    print(json.dumps(memory_child(sys.argv[2])))
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "memory-child":
+    print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]))))
