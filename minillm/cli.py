@@ -124,17 +124,18 @@ def add_sft(sub) -> None:
 
 
 def _unload_adapters(model) -> None:
-    """Replace LoRA wrappers (merged) and 4-bit layers by plain nn.Linear so save_pretrained writes hub names."""
+    """Replace each LoRA wrapper by a plain nn.Linear holding W + (α/r)·B·A (W dequantized in fp32 when
+    it is NF4, so the merge adds no second rounding), and each remaining 4-bit layer by its
+    dequantized weight, so that save_pretrained writes plain hub names."""
     import torch
 
-    from minillm.lora import LoRALinear, merge_lora
+    from minillm.lora import LoRALinear
     from minillm.nf4 import Linear4bit
 
-    def plain(layer):
-        if isinstance(layer, Linear4bit):
-            w = layer.dequantize_weight(torch.float32)
-        else:
-            w = layer.weight.detach().float()
+    def plain(layer, delta=None):
+        w = layer.dequantize_weight(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
+        if delta is not None:
+            w = w + delta.float()
         lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(w)
@@ -142,12 +143,15 @@ def _unload_adapters(model) -> None:
                 lin.bias.copy_(layer.bias.float())
         return lin
 
-    merge_lora(model)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (LoRALinear, Linear4bit)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, plain(m.base_layer if isinstance(m, LoRALinear) else m))
+    for kind in (LoRALinear, Linear4bit):  # wrappers first; then 4-bit layers that had no adapter
+        for name, m in list(model.named_modules()):
+            if isinstance(m, kind):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                if kind is LoRALinear:
+                    setattr(parent, child, plain(m.base_layer, None if m.merged else m.delta_weight().detach()))
+                else:
+                    setattr(parent, child, plain(m))
 
 
 def cmd_sft(args) -> int:
