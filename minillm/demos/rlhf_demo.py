@@ -55,7 +55,7 @@ class DemoConfig:
     max_new_tokens: int = 20
     # (a) SFT
     sft_examples: int = 4000
-    sft_steps: int = 600
+    sft_steps: int = 300
     sft_batch: int = 64
     sft_lr: float = 2e-3
     # (b) labels and reward model
@@ -80,7 +80,7 @@ class DemoConfig:
     # evaluation
     n_heldout: int = 64
     eval_samples: int = 4
-    threads: Optional[int] = None
+    threads: Optional[int] = 1     # 1 is fastest on a shared 2-core machine (2 threads oversubscribe badly)
 
     @classmethod
     def tiny(cls, **kw) -> "DemoConfig":
@@ -126,7 +126,7 @@ def build_tokenizer(texts: list[str]) -> Tokenizer:
 
 def build_policy(cfg: DemoConfig, tok: Tokenizer) -> GPT2LMHeadModel:
     gcfg = GPT2Config(vocab_size=len(tok), n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      n_positions=48, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return GPT2LMHeadModel(gcfg)
 
