@@ -46,10 +46,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_rlhf_demo(sub) -> None:
+    p = sub.add_parser("rlhf-demo", help="offline RLHF end to end: SFT -> reward model -> PPO with a KL penalty")
+    p.add_argument("--name", default="rlhf-demo", help="run name: results go to <out-dir>/<name>/")
+    p.add_argument("--out-dir", default="runs")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="initial β of the KL penalty (0: off, shows reward hacking)")
+    p.add_argument("--fixed-kl", action="store_true", help="keep β fixed (default: adaptive controller)")
+    p.add_argument("--target-kl", type=float, default=3.0, help="adaptive controller's target, nats per response")
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "abs", "mse", "k3", "full"])
+    p.add_argument("--ppo-steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale settings (a smoke run; numbers are rough)")
+    p.set_defaults(func=cmd_rlhf_demo)
+
+
+def cmd_rlhf_demo(args) -> int:
+    from minillm.demos.rlhf_demo import DemoConfig, run_demo
+
+    kw = dict(name=args.name, out_dir=args.out_dir, kl_coef=args.kl_coef, adaptive_kl=not args.fixed_kl,
+              target_kl=args.target_kl, kl_estimator=args.kl_estimator, seed=args.seed, threads=args.threads)
+    if not args.tiny:
+        kw["ppo_steps"] = args.ppo_steps
+    cfg = DemoConfig.tiny(**kw) if args.tiny else DemoConfig(**kw)
+    run_demo(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     sub = ap.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_rlhf_demo(sub)
     return ap
 
 

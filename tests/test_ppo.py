@@ -204,3 +204,66 @@ def test_adaptive_controller_direction():
     assert abs(c.value - 0.2 * 1.02) < 1e-12
     c.update(0.0, 10)   # below: ×0.98
     assert abs(c.value - 0.2 * 1.02 * 0.98) < 1e-12
+
+
+# ---------------- the loop ----------------
+class _Tok:
+    """A stand-in tokenizer over ids 0..9: 0 pad, 1 eos; text is the ids joined by spaces."""
+    eos_token_id, pad_token_id = 1, 0
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def _trainer(score_fn, **kw):
+    from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                    resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    cfg = PPOConfig(**{**dict(lr=3e-3, batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=6), **kw})
+    return PPOTrainer(PolicyWithValueHead(lm), _Tok(), score_fn, cfg, generator=torch.Generator().manual_seed(0))
+
+
+def _prompts(B=32):
+    return torch.full((B, 2), 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and a busy 2-core box oversubscribes badly
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ppo_loop_raises_the_score_and_logs_stats(one_thread):
+    # score = share of '7' tokens in the response: PPO must push it up within a few steps
+    def score(prompts, responses):
+        return torch.tensor([r.split().count("7") / max(1, len(r.split())) for r in responses])
+    tr = _trainer(score, init_kl_coef=0.01)
+    ids, m = _prompts()
+    first = tr.step(ids, m)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy equals its frozen copy at step 1 (fp32)
+    assert first["ratio"] == pytest.approx(1.0, abs=0.05)
+    for _ in range(14):
+        last = tr.step(ids, m)
+    assert last["score"] > first["score"] + 0.2, (first["score"], last["score"])
+    assert last["kl"] > 0
+    for k in ("score", "kl", "entropy", "clipfrac", "approxkl", "value_loss", "adv_mean", "adv_std",
+              "response_length", "kl_coef"):
+        assert math.isfinite(last[k]), k
+
+
+def test_negative_kl_warns_and_bad_scores_raise(one_thread):
+    tr = _trainer(lambda p, r: torch.zeros(len(r)))
+    ids, m = _prompts()
+    ro = tr.rollout(ids, m)
+    ro.ref_logprobs = ro.logprobs + 0.5  # as if the samples were not drawn from π
+    with pytest.warns(UserWarning, match="negative"):
+        tr.train_on(ro, torch.zeros(32))
+    with pytest.raises(ValueError, match=r"score_fn returned shape \(3,\)"):
+        _trainer(lambda p, r: torch.zeros(3)).step(ids, m)
+    with pytest.raises(ValueError, match="NaN"):
+        _trainer(lambda p, r: torch.full((len(r),), float("nan"))).step(ids, m)
+    with pytest.warns(UserWarning, match="top-k/top-p"):
+        _trainer(lambda p, r: torch.zeros(len(r)), top_k=5)

@@ -318,9 +318,18 @@ def evaluate(model, ref, tok: Tokenizer, scorer: RewardScorer, prompts: list[tup
 
 
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
-    t_start = time.time()
+    """Run (a)–(c) and the evaluation; returns the summary (also in runs/<name>/summary.json)."""
+    n_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, quiet)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _run(cfg: DemoConfig, quiet: bool) -> dict:
+    t_start = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out_dir) / cfg.name
@@ -390,7 +399,6 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
         batch = [tp[prng.randrange(len(tp))] for _ in range(cfg.ppo_batch)]
         enc = tok(batch, padding_side="left")
         st = trainer.step(enc["input_ids"], enc["attention_mask"])
-        ro_prompts = batch
         log("ppo", f"step {step + 1}/{cfg.ppo_steps}  score {st['score']:+.3f}  kl {st['kl']:.3f}  "
                    f"beta {st['kl_coef']:.3f}  ent {st['entropy']:.2f}  clip {st['clipfrac']:.3f}  "
                    f"len {st['response_length']:.1f}", step=step + 1, **st)
@@ -429,6 +437,9 @@ def checks(s: dict, cfg: DemoConfig) -> dict:
          "n_heldout>=64": s["ppo"]["n_prompts"] >= 64}
     if cfg.kl_coef > 0 and cfg.adaptive_kl:
         c["kl<=2*target"] = s["ppo"]["kl"]["mean"] <= 2 * cfg.target_kl
+    if cfg.kl_coef == 0:  # no penalty: the point is reward hacking, proxy up while the truth or diversity falls
+        c["reward_hacking_shown"] = c["proxy_up"] and (not c["true_up"] or
+                                                       s["ppo"]["distinct2"] < s["sft"]["distinct2"])
     return c
 
 
