@@ -27,9 +27,9 @@ import math
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from minillm.demos import synthetic_reviews as sr
 from minillm.generation import generate
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, logprobs_from_logits, response_mask_from
-from minillm.rlhf.reward import RewardModel, pairwise_accuracy, pairwise_margin_loss, rankings_to_pairs
+from minillm.rlhf.reward import RewardModel, RewardScorer, rankings_to_pairs, train_reward_model
 from minillm.tokenizer import Tokenizer
 
 
@@ -188,32 +188,6 @@ def sample_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens: 
     return out
 
 
-class RewardScorer:
-    """score_fn for PPO: text -> the reward model's tokenizer -> reward, normalized by (mean, std) measured on
-    the SFT policy's samples (so β has the same meaning whatever scale the reward model drifted to)."""
-
-    def __init__(self, rm: RewardModel, tok: Tokenizer, mean: float = 0.0, std: float = 1.0):
-        self.rm, self.tok, self.mean, self.std = rm, tok, mean, std
-
-    @torch.no_grad()
-    def raw(self, prompts: list[str], responses: list[str], batch: int = 256) -> torch.Tensor:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        empty = [i for i, r in enumerate(responses) if not r.strip()]
-        if empty:
-            raise ValueError(f"response(s) {empty[:10]} are empty strings; nothing to score")
-        self.rm.eval()
-        out = []
-        for s in range(0, len(prompts), batch):
-            enc = self.tok([p + " " + r for p, r in zip(prompts[s:s + batch], responses[s:s + batch])],
-                           padding_side="right")
-            out.append(self.rm(enc["input_ids"], enc["attention_mask"]))
-        return torch.cat(out)
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return (self.raw(prompts, responses) - self.mean) / self.std
-
-
 # ---------------------------------------------------------------------------------------------
 # (b) labels -> pairs -> reward model
 # ---------------------------------------------------------------------------------------------
@@ -230,42 +204,16 @@ def label_pairs(prompts: list[str], responses_per_prompt: list[list[str]], rng: 
     return pairs
 
 
-def rm_rewards(rm: RewardModel, tok: Tokenizer, pairs: list[dict], key: str) -> torch.Tensor:
-    enc = tok([d["prompt"] + " " + d[key] for d in pairs], padding_side="right")
-    return rm(enc["input_ids"], enc["attention_mask"])
-
-
-def train_reward_model(rm: RewardModel, tok: Tokenizer, train: list[dict], test: list[dict], cfg: DemoConfig,
-                       log: Progress) -> dict:
-    """Margin loss, AdamW; logs held-out pairwise accuracy after each epoch."""
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
-    rng = random.Random(cfg.seed + 2)
-    n_steps = cfg.rm_epochs * math.ceil(len(train) / cfg.rm_batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
-    step, acc = 0, 0.0
-    for epoch in range(cfg.rm_epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        rm.train()
-        for s in range(0, len(order), cfg.rm_batch):
-            b = [train[i] for i in order[s:s + cfg.rm_batch]]
-            rc, rr = rm_rewards(rm, tok, b, "chosen"), rm_rewards(rm, tok, b, "rejected")
-            margin = torch.tensor([d["margin"] for d in b]) if cfg.use_margin else None
-            loss = pairwise_margin_loss(rc, rr, margin, center_coef=cfg.rm_center_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-        rm.eval()
-        with torch.no_grad():
-            acc = pairwise_accuracy(rm_rewards(rm, tok, test, "chosen"), rm_rewards(rm, tok, test, "rejected"))
-            train_acc = pairwise_accuracy(rm_rewards(rm, tok, train[:1000], "chosen"),
-                                          rm_rewards(rm, tok, train[:1000], "rejected"))
-        log("rm", f"epoch {epoch + 1}/{cfg.rm_epochs}  loss {loss.item():.3f}  train acc {train_acc:.3f}  "
-                  f"held-out acc {acc:.3f}", epoch=epoch + 1, loss=loss.item(), train_acc=train_acc, heldout_acc=acc)
-    return {"heldout_acc": acc, "train_acc": train_acc, "n_train_pairs": len(train), "n_heldout_pairs": len(test)}
+def train_rm(rm: RewardModel, tok: Tokenizer, train: list[dict], test: list[dict], cfg: DemoConfig,
+             log: Progress) -> dict:
+    def show(r):
+        log("rm", f"epoch {r['epoch']}/{cfg.rm_epochs}  loss {r['loss']:.3f}  train acc {r['train_acc']:.3f}  "
+                  f"held-out acc {r['eval_acc']:.3f}", epoch=r["epoch"], loss=r["loss"], train_acc=r["train_acc"],
+            heldout_acc=r["eval_acc"])
+    r = train_reward_model(rm, tok, train, test, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch, lr=cfg.rm_lr,
+                           center_coef=cfg.rm_center_coef, use_margin=cfg.use_margin, seed=cfg.seed + 2, log=show)
+    return {"heldout_acc": r["eval_acc"], "train_acc": r["train_acc"], "n_train_pairs": len(train),
+            "n_heldout_pairs": len(test)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +320,7 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     log("rm", f"{len(train_pairs)} training pairs from {len(tp)} prompts x {rounds} round(s) of K={cfg.k_responses}; "
               f"{len(test_pairs)} held-out pairs", n_train_pairs=len(train_pairs), n_heldout_pairs=len(test_pairs))
     rm = RewardModel(copy.deepcopy(sft_lm).requires_grad_(True), cfg.n_embd, pool="last")
-    rm_stats = train_reward_model(rm, tok, train_pairs, test_pairs, cfg, log)
+    rm_stats = train_rm(rm, tok, train_pairs, test_pairs, cfg, log)
     rm.eval().requires_grad_(False)
     rm.save_pretrained(out / "rm")
     tok.save_pretrained(out / "rm")

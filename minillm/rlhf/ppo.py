@@ -303,7 +303,9 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
 
-        self.policy.train()
+        # Dropout stays off (eval mode) in every PPO forward pass, as trl disables it: otherwise the ratio
+        # π_θ/π_old would differ from 1 by dropout noise alone, before any update.
+        self.policy.eval()
         B, mb = ro.sequences.shape[0], cfg.mini_batch_size
         agg: dict[str, list[float]] = {}
         for _ in range(cfg.ppo_epochs):

@@ -24,8 +24,9 @@ herding?" (2023) (reward centering, as in trl's `center_rewards_coefficient`); t
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -199,3 +200,98 @@ def backbone_hidden_size(backbone: nn.Module) -> int:
         if cfg is not None and hasattr(cfg, key):
             return int(getattr(cfg, key))
     raise ValueError(f"cannot tell the hidden size of {type(backbone).__name__}; pass hidden_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# training and scoring on text
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                batch_size: int = 64, max_length: Optional[int] = None) -> torch.Tensor:
+    """Rewards (B,) for prompt+response texts, encoded with the reward model's own tokenizer (right-padded).
+    Gradients flow when called outside no_grad (training)."""
+    from minillm.rlhf.preference_data import join_text
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    empty = [i for i, r in enumerate(responses) if not r.strip()]
+    if empty:
+        raise ValueError(f"response(s) {empty[:10]} are empty strings; nothing to score")
+    out = []
+    dev = _device(rm)
+    for s in range(0, len(prompts), batch_size):
+        texts = [join_text(p, r) for p, r in zip(prompts[s:s + batch_size], responses[s:s + batch_size])]
+        enc = tokenizer(texts, padding_side="right", truncation=max_length is not None, max_length=max_length)
+        out.append(rm(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)))
+    return torch.cat(out)
+
+
+class RewardScorer:
+    """A reward model as PPO's score_fn(prompts, responses) -> (B,): text is re-encoded with the reward model's
+    tokenizer (so it may differ from the policy's), and the reward normalized, (r − mean)/std, with statistics
+    measured on the starting policy's samples (so β keeps its meaning whatever scale the reward model has)."""
+
+    def __init__(self, rm: RewardModel, tokenizer, mean: float = 0.0, std: float = 1.0, max_length: Optional[int] = None):
+        if not std > 0:
+            raise ValueError(f"reward normalization std must be > 0, got {std}")
+        self.rm, self.tok, self.mean, self.std, self.max_length = rm, tokenizer, mean, std, max_length
+
+    @torch.no_grad()
+    def raw(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        self.rm.eval()
+        return score_texts(self.rm, self.tok, prompts, responses, max_length=self.max_length).float().cpu()
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        return (self.raw(prompts, responses) - self.mean) / self.std
+
+
+def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_pairs: Optional[list[dict]] = None,
+                       epochs: int = 1, batch_size: int = 32, lr: float = 1e-5, center_coef: float = 0.0,
+                       use_margin: bool = True, seed: int = 0, grad_clip: float = 1.0,
+                       log: Optional[Callable[[dict], None]] = None, max_length: Optional[int] = None) -> dict:
+    """AdamW (linear decay) on the pairwise margin loss. Pairs: {"prompt", "chosen", "rejected", "margin"}.
+    Logs {epoch, loss, train_acc, eval_acc} after each epoch; returns the last of them."""
+    if not train_pairs:
+        raise ValueError("train_reward_model: no training pairs")
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    n_steps = epochs * math.ceil(len(train_pairs) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
+    rng = random.Random(seed)
+
+    def rewards(pairs, key):
+        return score_texts(rm, tokenizer, [d["prompt"] for d in pairs], [d[key] for d in pairs], batch_size, max_length)
+
+    def accuracy(pairs):
+        rm.eval()
+        with torch.no_grad():
+            return pairwise_accuracy(rewards(pairs, "chosen"), rewards(pairs, "rejected"))
+
+    rec: dict = {}
+    for epoch in range(epochs):
+        order = list(range(len(train_pairs)))
+        rng.shuffle(order)
+        rm.train()
+        losses = []
+        for s in range(0, len(order), batch_size):
+            b = [train_pairs[i] for i in order[s:s + batch_size]]
+            rc, rr = rewards(b, "chosen"), rewards(b, "rejected")
+            margin = torch.tensor([d.get("margin", 0.0) for d in b], device=rc.device) if use_margin else None
+            loss = pairwise_margin_loss(rc, rr, margin, center_coef=center_coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        rec = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
+               "train_acc": accuracy(train_pairs[:1000]),
+               "eval_acc": accuracy(eval_pairs) if eval_pairs else None}
+        if log:
+            log(rec)
+    rm.eval()
+    return rec
