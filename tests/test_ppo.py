@@ -267,3 +267,30 @@ def test_negative_kl_warns_and_bad_scores_raise(one_thread):
         _trainer(lambda p, r: torch.full((len(r),), float("nan"))).step(ids, m)
     with pytest.warns(UserWarning, match="top-k/top-p"):
         _trainer(lambda p, r: torch.zeros(len(r)), top_k=5)
+
+
+def test_lora_policy_reference_is_the_base_with_adapters_off(one_thread):
+    from minillm.lora import apply_lora
+    from minillm.rlhf.ppo import adapters_disabled
+    tr0 = _trainer(lambda p, r: torch.zeros(len(r)))
+    base = tr0.ref_model  # the deep copy = the weights before LoRA
+    lm = tr0.policy.model
+    apply_lora(lm, ["c_attn", "c_fc"], r=4, alpha=8)
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter
+    ids = torch.tensor([[2, 3, 4, 5]])
+    with torch.no_grad():
+        with adapters_disabled(lm):
+            off = lm(ids)
+        on = lm(ids)
+        want = base(ids)
+    assert torch.allclose(off, want, atol=1e-5)  # fp32: adapters off = the base model
+    assert not torch.allclose(on, want, atol=1e-3)  # and the adapters do change the policy
+    # the trainer then keeps no copy: ref_model is None and KL > 0 because the adapters moved the policy
+    tr = PPOTrainer(tr0.policy, _Tok(), lambda p, r: torch.zeros(len(r)), tr0.cfg,
+                    generator=torch.Generator().manual_seed(0))
+    assert tr.ref_model is None
+    ro = tr.rollout(*_prompts(8))
+    kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1).mean()
+    assert kl > 0.01

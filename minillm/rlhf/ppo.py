@@ -123,22 +123,42 @@ class PolicyWithValueHead(nn.Module):
         return logits, self.v_head(h)
 
 
+def lora_modules(model: nn.Module) -> list[nn.Module]:
+    from minillm.lora import LoRALinear
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
 def has_lora(model: nn.Module) -> bool:
-    return any("lora_A" in name for name, _ in model.named_modules())
+    try:
+        return bool(lora_modules(model))
+    except ImportError:
+        return False
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every LoRA wrapper computes its frozen base layer only (the low-rank path is skipped):
+    the model IS the pre-LoRA reference, with no second copy of the base weights."""
+    mods = lora_modules(model)
+    merged = [m for m in mods if m.merged]
+    if merged:
+        raise ValueError(f"{len(merged)} LoRA adapter(s) are merged into their base weights, so the reference is "
+                         f"gone; unmerge_lora(model) before PPO, or pass ref_model=...")
+    for m in mods:
+        m.forward = m.base_layer.forward  # an instance attribute shadows LoRALinear.forward
+    try:
+        yield model
+    finally:
+        for m in mods:
+            del m.forward
 
 
 def reference_context(policy_model: nn.Module, ref_model: Optional[nn.Module]):
-    """A context manager under which `model` computes the reference distribution.
-
-    With a separate ref_model nothing changes (the caller uses ref_model). With a LoRA policy and no ref_model,
-    the adapters are switched off for the duration: the base weights ARE the reference."""
+    """The context under which the reference distribution is computed: nothing to do with a separate ref_model;
+    with a LoRA policy and no ref_model, the policy with its adapters switched off."""
     if ref_model is not None:
         return contextlib.nullcontext()
-    from minillm import lora  # the LoRA policy path; needs minillm/lora.py
-    if hasattr(lora, "disable_adapters"):
-        return lora.disable_adapters(policy_model)
-    raise RuntimeError("a LoRA policy without ref_model needs minillm.lora.disable_adapters(model) "
-                       "(a context manager); pass ref_model=... instead")
+    return adapters_disabled(policy_model)
 
 
 # ---------------------------------------------------------------------------------------------
