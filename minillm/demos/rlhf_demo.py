@@ -63,9 +63,10 @@ class DemoConfig:
     label_noise: float = 0.5
     rm_epochs: int = 4
     rm_batch: int = 64
-    rm_lr: float = 5e-4
+    rm_lr: float = 1e-3
     rm_center_coef: float = 0.01
     use_margin: bool = True
+    rm_backbone: str = "bert"         # "bert": a small BERT from scratch, [CLS] pooled; "gpt2": the SFT body, last token
     # (c) PPO
     ppo_steps: int = 40
     ppo_batch: int = 64
@@ -120,8 +121,30 @@ def build_tokenizer(texts: list[str]) -> Tokenizer:
     from tokenizers import models, pre_tokenizers, trainers
     t = HFTokenizer(models.WordLevel(unk_token=sr.UNK))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=[sr.PAD, sr.UNK, sr.EOS]))
+    t.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=[sr.PAD, sr.UNK, sr.EOS, sr.CLS]))
     return Tokenizer(t, padding_side="left", pad_token=sr.PAD, eos_token=sr.EOS, unk_token=sr.UNK)
+
+
+def encoder_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """The same vocabulary, with "[CLS] $A" added on encoding: the reward model's tokenizer for a BERT backbone."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+    t = HFTokenizer.from_str(tok.tok.to_str())
+    t.post_processor = TemplateProcessing(single=f"{sr.CLS} $A", special_tokens=[(sr.CLS, t.token_to_id(sr.CLS))])
+    return Tokenizer(t, padding_side="right", pad_token=sr.PAD, eos_token=sr.EOS, unk_token=sr.UNK, cls_token=sr.CLS)
+
+
+def build_reward_model(cfg: DemoConfig, tok: Tokenizer, sft_lm: GPT2LMHeadModel) -> tuple[RewardModel, Tokenizer]:
+    """BERT (from a config, [CLS] pooled) or the SFT GPT-2 body (InstructGPT's choice, last token pooled)."""
+    if cfg.rm_backbone == "gpt2":
+        return RewardModel(copy.deepcopy(sft_lm).requires_grad_(True), cfg.n_embd, pool="last"), tok
+    if cfg.rm_backbone != "bert":
+        raise ValueError(f"rm_backbone must be 'bert' or 'gpt2', got {cfg.rm_backbone!r}")
+    from minillm.models.bert import BertConfig, BertModel
+    bcfg = BertConfig(vocab_size=len(tok), hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                      num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    return RewardModel(BertModel(bcfg, add_pooling_layer=False), cfg.n_embd, pool="first"), encoder_tokenizer(tok)
 
 
 def build_policy(cfg: DemoConfig, tok: Tokenizer) -> GPT2LMHeadModel:
@@ -319,16 +342,18 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
             f.write(json.dumps({"prompt": p}) + "\n")
     log("rm", f"{len(train_pairs)} training pairs from {len(tp)} prompts x {rounds} round(s) of K={cfg.k_responses}; "
               f"{len(test_pairs)} held-out pairs", n_train_pairs=len(train_pairs), n_heldout_pairs=len(test_pairs))
-    rm = RewardModel(copy.deepcopy(sft_lm).requires_grad_(True), cfg.n_embd, pool="last")
-    rm_stats = train_rm(rm, tok, train_pairs, test_pairs, cfg, log)
+    torch.manual_seed(cfg.seed + 5)
+    rm, rm_tok = build_reward_model(cfg, tok, sft_lm)
+    rm_stats = train_rm(rm, rm_tok, train_pairs, test_pairs, cfg, log)
     rm.eval().requires_grad_(False)
     rm.save_pretrained(out / "rm")
-    tok.save_pretrained(out / "rm")
+    rm_tok.save_pretrained(out / "rm")
     with torch.no_grad():
         sft_resps = sample_responses(sft_lm, tok, [p for p in tp for _ in range(2)], cfg.max_new_tokens, gen)
-        raw = RewardScorer(rm, tok).raw([p for p in tp for _ in range(2)], sft_resps)
-    scorer = RewardScorer(rm, tok, raw.mean().item(), raw.std().item())
+        raw = RewardScorer(rm, rm_tok).raw([p for p in tp for _ in range(2)], sft_resps)
+    scorer = RewardScorer(rm, rm_tok, raw.mean().item(), raw.std().item())
     hub.save_json({"mean": scorer.mean, "std": scorer.std}, out / "rm" / "reward_normalization.json")
+    log("rm", f"reward normalization on SFT samples: mean {scorer.mean:.3f}, std {scorer.std:.3f}")
 
     # held-out evaluation of the SFT policy (the baseline)
     before = evaluate(sft_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.max_new_tokens)
@@ -358,7 +383,8 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
                 f"KL {after['kl']['mean']:.3f}  distinct-2 {after['distinct2']:.3f}")
 
     summary = {
-        "config": asdict(cfg), "reward_model": rm_stats, "reward_model_backbone": "GPT-2 (SFT body) + scalar head",
+        "config": asdict(cfg), "reward_model": rm_stats, "reward_model_backbone": {"bert": "BERT from a config ([CLS] pooled) + scalar head",
+                                  "gpt2": "GPT-2 (SFT body, last token) + scalar head"}[cfg.rm_backbone],
         "sft": {k: v for k, v in before.items() if not k.startswith("_")},
         "ppo": {k: v for k, v in after.items() if not k.startswith("_")},
         "kl_target": cfg.target_kl, "final_kl_coef": trainer.kl_ctl.value,

@@ -26,7 +26,7 @@ NEG_ADJ = ["bad", "awful", "terrible", "poor", "boring", "horrible"]
 POS_VERB = ["loved", "liked", "enjoyed"]
 NEG_VERB = ["hated", "disliked", "regretted"]
 INTENS = ["very", "really"]
-EOS, PAD, UNK = "[EOS]", "[PAD]", "[UNK]"
+EOS, PAD, UNK, CLS = "[EOS]", "[PAD]", "[UNK]", "[CLS]"
 
 POS_WORDS, NEG_WORDS = set(POS_ADJ) | set(POS_VERB), set(NEG_ADJ) | set(NEG_VERB)
 
