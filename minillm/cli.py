@@ -46,7 +46,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-<<<<<<< HEAD
 def add_rlhf_demo(sub) -> None:
     p = sub.add_parser("rlhf-demo", help="offline RLHF end to end: SFT -> reward model -> PPO with a KL penalty")
     p.add_argument("--name", default="rlhf-demo", help="run name: results go to <out-dir>/<name>/")
@@ -138,7 +137,6 @@ def cmd_ppo(args) -> int:
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     ppo_job(args.policy, args.reward_model, args.prompts, args.out, steps=args.steps, config=cfg, seed=args.seed,
             device=str(pick_device(args.device)))
-=======
 def add_attention(sub) -> None:
     p = sub.add_parser("attention", help="print one layer/head's attention weights for a sentence (BERT, DistilBERT)")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="checkpoint directory, weights/<name>, or hub id")
@@ -389,7 +387,6 @@ def cmd_classify(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(
             {"labels": names, "steps": result.step, "final_loss": result.losses[-1], "eval": final}, indent=2) + "\n")
         print(" | ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or f"saved {out}")
->>>>>>> main
     return 0
 
 
@@ -397,15 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     sub = ap.add_subparsers(dest="command", required=True)
     add_generate(sub)
-<<<<<<< HEAD
     add_rlhf_demo(sub)
     add_train_reward(sub)
     add_ppo(sub)
-=======
     add_attention(sub)
     add_sft(sub)
     add_classify(sub)
->>>>>>> main
     return ap
 
 
