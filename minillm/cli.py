@@ -137,6 +137,9 @@ def cmd_ppo(args) -> int:
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     ppo_job(args.policy, args.reward_model, args.prompts, args.out, steps=args.steps, config=cfg, seed=args.seed,
             device=str(pick_device(args.device)))
+    return 0
+
+
 def add_attention(sub) -> None:
     p = sub.add_parser("attention", help="print one layer/head's attention weights for a sentence (BERT, DistilBERT)")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="checkpoint directory, weights/<name>, or hub id")
