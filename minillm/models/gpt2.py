@@ -112,9 +112,9 @@ class GPT2Attention(nn.Module):
         if cache is not None and not self.is_cross:
             k, v = cache.update(self.layer_idx, k, v)
         use_sdpa = self.cfg.use_sdpa and not return_weights
-        is_causal = False
-        if not self.is_cross and mask is None and cache is None and use_sdpa:
-            is_causal = True  # no padding: let the fused kernel build the causal mask itself
+        # No mask from the caller means "no padding, nothing cached before a multi-token input" (GPT2Model
+        # guarantees it): plain causal attention, which the fused kernel builds itself. One new token needs none.
+        is_causal = not self.is_cross and mask is None and q.shape[-2] > 1
         res = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                            dropout_p=self.attn_dropout if self.training else 0.0,
                                            return_weights=return_weights, use_sdpa=use_sdpa)
@@ -187,8 +187,8 @@ class GPT2Model(nn.Module):
             position_ids = positions_from_mask(attention_mask, past, T, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
 
-        mask = None  # bool (B, 1, T, past+T), True where a query may look
-        if attention_mask is not None or cache is not None:
+        mask = None  # bool (B, 1, T, past+T), True where a query may look; None = plain causal
+        if attention_mask is not None or (past > 0 and T > 1):
             mask = causal_mask(T, past + T, input_ids.device)[None, None]
             if attention_mask is not None:
                 mask = mask & padding_mask(attention_mask)

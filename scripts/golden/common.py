@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -17,10 +18,11 @@ def seed_all(seed: int) -> None:
 
 
 def write_golden(root: Path, name: str, tensors: dict, meta: dict | None = None) -> Path:
-    """tests/golden/<name>.safetensors; metadata values must be strings."""
+    """tests/golden/<name>.safetensors. The metadata goes in one key, "info" (JSON): safetensors writes a
+    header map of several keys in an unspecified order, which would make reruns differ byte-wise."""
     path = root / "tests" / "golden" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in (meta or {}).items()})
+    save_file(tensors, str(path), metadata={"info": json.dumps(meta or {}, sort_keys=True)})
     print(f"  wrote {path.relative_to(root)} ({len(tensors)} tensors)")
     return path

@@ -1,0 +1,120 @@
+"""Text generation: pick the next token from the logits, append it, repeat.
+
+A language model gives, at each step, logits z over the vocabulary. Decoding turns them into
+one token:
+
+    greedy:       argmax_i z_i
+    temperature:  p = softmax(z / t)   (t < 1 sharper, t > 1 flatter, t = 1 unchanged; t = 0 means greedy)
+    top-k:        keep the k largest logits (all those tied with the k-th are kept too), renormalize
+    top-p:        keep the smallest set of most likely tokens whose probabilities reach p, renormalize
+    sampling:     draw from p
+
+Batches are left-padded so that every row's last real token sits in the last column;
+positions come from the attention mask, so a padded row decodes exactly as it would alone.
+A row that emits EOS is finished: it gets `pad_token_id` from then on, and the loop ends
+when every row is finished or `max_new_tokens` are made. A KV cache keeps the keys and
+values of the past, so each step feeds only the newest token.
+
+Source: the course (greedy, random sampling, top-k, top-p, temperature); Holtzman et al.,
+"The Curious Case of Neural Text Degeneration" (2019) for top-p; transformers' generate.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 here (0 means greedy), got {temperature}")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest (per row) to -inf; ties with the k-th stay."""
+    if k <= 0:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability reaches p (at least one)."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above this one
+    drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits.float(), temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+             pad_token_id: Optional[int] = None, use_cache: bool = True,
+             generator: Optional[torch.Generator] = None, **model_kwargs) -> torch.Tensor:
+    """Continue left-padded prompts (B, T) -> (B, T + new) with new <= max_new_tokens.
+
+    `model(input_ids, attention_mask=..., cache=..., **model_kwargs)` must return logits (B, T, V);
+    extra keyword arguments (e.g. encoder_hidden_states) are passed at every step.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, prompt_len >= 1), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    elif bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded for generation: some row's last position is padding "
+                         "(tokenize with padding_side='left')")
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    n_pos = getattr(getattr(model, "config", None), "n_positions", None)
+    if n_pos is not None and T + max_new_tokens > n_pos:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the model's {n_pos} positions")
+    was_training = model.training
+    model.eval()
+    ids, mask = input_ids, attention_mask.long()
+    cache = model.new_cache(T + max_new_tokens) if use_cache else None
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_input = ids
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = model(step_input, attention_mask=mask, cache=cache, **model_kwargs)[:, -1, :]
+        else:
+            logits = model(ids, attention_mask=mask, **model_kwargs)[:, -1, :]
+        tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(finished, pad_token_id)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        step_input = tok[:, None]
+        if eos_token_id is not None:
+            finished = finished | (tok == eos_token_id)
+            if bool(finished.all()):
+                break
+    model.train(was_training)
+    return ids
