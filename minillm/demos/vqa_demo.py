@@ -49,6 +49,7 @@ class VQADemoConfig:
     fusions: tuple = ("mean", "tokens")
     seed: int = 0
     device: Optional[str] = None
+    threads: Optional[int] = None  # torch CPU threads for the run (None: leave torch's setting)
     eval_batch_size: int = 256
 
 
@@ -89,7 +90,7 @@ def tiny_encoders(cfg: VQADemoConfig, text_vocab_size: int) -> tuple[nn.Module, 
     image = ViTModel(ViTConfig(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                                intermediate_size=4 * cfg.hidden, image_size=cfg.image_size,
                                patch_size=cfg.patch_size, num_channels=3, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0))
+                               attention_probs_dropout_prob=0.0), add_pooling_layer=False)
     return text, image
 
 
@@ -174,6 +175,16 @@ def run_vqa_demo(cfg: VQADemoConfig = VQADemoConfig(), out_dir: Optional[str] = 
     from minillm.train.device import pick_device
 
     device = pick_device(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, device, out_dir, plot, log, build_encoders)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg, device, out_dir, plot, log, build_encoders) -> dict:
     build_encoders = build_encoders or tiny_encoders
     train_set, test_set = shapes.make_shapes_dataset(cfg.n_images, cfg.image_size, seed=cfg.seed)
     ttok, atok = text_tokenizer(cfg.text_max_length), answer_tokenizer()
@@ -194,6 +205,7 @@ def run_vqa_demo(cfg: VQADemoConfig = VQADemoConfig(), out_dir: Optional[str] = 
         seconds = time.perf_counter() - t0
         preds, probs = predict(model, collate, test_set, device, cfg.eval_batch_size)
         acc = accuracy_by_type(test_set, preds)
+        log(f"  held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({seconds:.0f}s training)")
         result[fusion] = {"accuracy": acc, "losses": losses, "seconds": seconds, "parameters": n_params,
                           "examples": [(r["question"], r["answer"], p, q) for r, p, q in
                                        zip(test_set[:10], preds[:10], probs[:10])]}

@@ -80,9 +80,10 @@ class MultiModalModel(nn.Module):
         check_finite("pixel_values", pixel_values)
         cfg = self.image_encoder.config
         C, S = getattr(cfg, "num_channels", None), getattr(cfg, "image_size", None)
+        HW = None if S is None else (S, S) if isinstance(S, int) else tuple(S)  # hub configs allow [H, W]
         if pixel_values.dim() != 4 or (C is not None and pixel_values.shape[1] != C) or \
-                (S is not None and tuple(pixel_values.shape[2:]) != (S, S)):
-            want = f"(B, {C if C is not None else 'C'}, {S if S is not None else 'H'}, {S if S is not None else 'W'})"
+                (HW is not None and tuple(pixel_values.shape[2:]) != HW):
+            want = f"(B, {C or 'C'}, {HW[0] if HW else 'H'}, {HW[1] if HW else 'W'})"
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; the image encoder expects {want}")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
