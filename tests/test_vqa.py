@@ -247,21 +247,27 @@ def test_collator_names_the_bad_image(tokenizers_):
 
 # ---- greedy answers ----
 class ScriptedDecoder(torch.nn.Module):
-    """Stands in for the decoder: row b's logits at step k are log(probs) of a scripted distribution."""
+    """Stands in for the decoder: at answer position k, row b's logits are log(probs) of a scripted distribution
+    (token script[k] with probability p, the rest shared evenly)."""
 
     def __init__(self, scripts, V=6):
         super().__init__()
-        self.scripts, self.V, self.calls = scripts, V, 0
+        self.scripts, self.V, self.steps = scripts, V, 0
         self.config = GPT2Config(vocab_size=V, n_embd=4, n_layer=1, n_head=1, add_cross_attention=True)
 
-    def forward(self, tokens, encoder_hidden_states=None, encoder_attention_mask=None, **kw):
-        self.calls += 1
-        k = tokens.shape[1] - 1
-        out = torch.full((tokens.shape[0], tokens.shape[1], self.V), -30.0)
+    def new_cache(self, max_length=None):
+        return None  # no cache: generate then feeds the whole sequence each step
+
+    def forward(self, tokens, attention_mask=None, cache=None, encoder_hidden_states=None,
+                encoder_attention_mask=None):
+        self.steps += 1
+        B, T = tokens.shape
+        out = torch.empty(B, T, self.V)
         for b, script in enumerate(self.scripts):
-            tok, p = script[min(k, len(script) - 1)]
-            out[b, -1] = math.log((1 - p) / (self.V - 1))
-            out[b, -1, tok] = math.log(p)
+            for k in range(T):
+                tok, p = script[min(k, len(script) - 1)]
+                out[b, k] = math.log((1 - p) / (self.V - 1))
+                out[b, k, tok] = math.log(p)
         return out
 
 
@@ -272,7 +278,7 @@ def test_greedy_stops_at_eos_and_multiplies_token_probabilities():
     ids, mask, pix, _ = batch(B=2)
     tokens, prob = greedy_answer(m, ids, mask, pix, bos, eos, max_new_tokens=10)
     assert tokens.tolist() == [[bos, 3, 4, eos], [bos, 5, eos, eos]]  # a finished row is filled with eos
-    assert m.decoder.calls == 3  # stopped once every row had its eos, not after 10 steps
+    assert m.decoder.steps == 3 + 1  # 3 decoding steps (stopped once every row had its eos) + the scoring pass
     torch.testing.assert_close(prob, torch.tensor([0.9 * 0.8 * 0.5, 0.6 * 0.7]), rtol=1e-5, atol=0)  # fp32 log-sum
     assert answer_texts(tokens, type("T", (), {"decode": lambda self, r, skip_special_tokens: " ".join(map(str, r))})(),
                         eos) == ["3 4", "5"]

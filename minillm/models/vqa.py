@@ -25,7 +25,7 @@ Vaswani et al. (2017) §3.2 for cross-attention.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -173,13 +173,16 @@ class VQACollator:
     """Records {question, answer, image} -> a batch: input_ids, attention_mask (question, for the text
     encoder), pixel_values, decoder_input_ids, decoder_attention_mask, labels (answer, for the decoder).
     Questions longer than `text_max_length` tokens are truncated with a warning; answers that tokenize to
-    nothing are an error naming the record."""
+    nothing are an error naming the record. Images must already be image_size × image_size RGB uint8
+    (to_pixel_values), unless an `image_processor` (e.g. minillm's ViT ImageProcessor for a hub checkpoint:
+    images -> {"pixel_values": (B, 3, H, W)}) is given to resize and normalise them."""
 
     def __init__(self, text_tokenizer, decoder_tokenizer, image_size: int, text_max_length: int,
-                 mean: float = 0.5, std: float = 0.5):
+                 mean: float = 0.5, std: float = 0.5, image_processor: Optional[Callable] = None):
         self.text_tok, self.dec_tok = text_tokenizer, decoder_tokenizer
         self.image_size, self.text_max_length = image_size, text_max_length
         self.mean, self.std = mean, std
+        self.image_processor = image_processor
         for k in ("bos_token", "eos_token"):
             if decoder_tokenizer.special.get(k) is None:
                 raise ValueError(f"the decoder tokenizer needs a {k}")
@@ -218,6 +221,8 @@ class VQACollator:
                 "labels": make_labels(enc["input_ids"], enc["attention_mask"])}
 
     def pixel_values(self, records: Sequence[dict]) -> torch.Tensor:
+        if self.image_processor is not None:
+            return self.image_processor([r["image"] for r in records])["pixel_values"]
         return torch.stack([to_pixel_values(r["image"], self.image_size, self.mean, self.std,
                                             what=f"image of record {r.get('question_id', i)}")
                             for i, r in enumerate(records)])  # (B, 3, S, S)
@@ -238,27 +243,26 @@ def greedy_answer(model: MultiModalModel, input_ids: torch.Tensor, attention_mas
     """Greedy decoding from bos, cross-attending to the encoded question and image.
 
     -> (tokens (B, 1 + n) starting with bos; rows that stopped early are filled with eos,
-        probability (B,): the product of the chosen tokens' probabilities up to and including eos).
-    Each step reruns the decoder over the answer so far (answers are a few tokens long)."""
+        probability (B,): the product of the chosen tokens' probabilities up to and including the first eos).
+    The tokens come from minillm.generation.generate (KV cache, encoder states passed at every step);
+    the probabilities from one teacher-forced decoder pass over them."""
+    from minillm.generation import generate
+
     was_training = model.training
     model.eval()
     enc, enc_mask = model.encode(input_ids, attention_mask, pixel_values)
     B = input_ids.shape[0]
-    tokens = torch.full((B, 1), bos_token_id, dtype=torch.long, device=input_ids.device)
-    log_prob = torch.zeros(B, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        logits = model.decoder(tokens, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)[:, -1]  # (B, V)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        nxt = logp.argmax(dim=-1)
-        log_prob += torch.where(done, torch.zeros_like(log_prob), logp.gather(1, nxt[:, None]).squeeze(1))
-        nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= nxt == eos_token_id
-        if bool(done.all()):
-            break
+    start = torch.full((B, 1), bos_token_id, dtype=torch.long, device=input_ids.device)
+    tokens = generate(model.decoder, start, max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=eos_token_id, pad_token_id=eos_token_id, encoder_hidden_states=enc,
+                      encoder_attention_mask=enc_mask)  # (B, 1 + n)
+    logp = torch.log_softmax(model.decoder(tokens, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
+                             .float(), dim=-1)  # (B, 1 + n, V)
+    chosen = logp[:, :-1].gather(2, tokens[:, 1:, None]).squeeze(2)  # (B, n): log p of each new token
+    is_eos = (tokens[:, 1:] == eos_token_id).long()
+    counted = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first eos
     model.train(was_training)
-    return tokens, log_prob.exp()
+    return tokens, (chosen * counted).sum(1).exp()
 
 
 def answer_texts(tokens: torch.Tensor, decoder_tokenizer, eos_token_id: int) -> list[str]:
