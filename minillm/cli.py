@@ -394,6 +394,37 @@ def cmd_classify(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(
             {"labels": names, "steps": result.step, "final_loss": result.losses[-1], "eval": final}, indent=2) + "\n")
         print(" | ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or f"saved {out}")
+def add_vqa_demo(sub) -> None:
+    p = sub.add_parser("vqa-demo", help="train a tiny ViT + DistilBERT + GPT-2 VQA model on synthetic shapes (CPU, minutes)")
+    p.add_argument("--images", type=int, default=None, help="synthetic scenes (5 questions each, 20%% held out)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--fusion", choices=["mean", "tokens", "both"], default="both",
+                   help="mean: the book's one fused vector; tokens: every projected token; both: compare")
+    p.add_argument("--out-dir", default="runs/vqa-demo", help="where the example figure goes (needs the plots extra)")
+    p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_vqa_demo)
+
+
+def cmd_vqa_demo(args) -> int:
+    from minillm.demos.vqa_demo import VQADemoConfig, run_vqa_demo
+
+    cfg = VQADemoConfig(seed=args.seed, device=args.device, threads=args.threads,
+                        fusions=("mean", "tokens") if args.fusion == "both" else (args.fusion,))
+    if args.images is not None:
+        cfg.n_images = args.images
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    plot = not args.no_plot
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("(no figure: matplotlib is not installed; pip install 'minillm[plots]')")
+            plot = False
+    run_vqa_demo(cfg, out_dir=args.out_dir, plot=plot)
     return 0
 
 
@@ -407,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_attention(sub)
     add_sft(sub)
     add_classify(sub)
+    add_vqa_demo(sub)
     return ap
 
 
