@@ -315,10 +315,11 @@ class BertForSequenceClassification(nn.Module):
         model = cls(cfg)
         state = hub.load_safetensors(d)
         heads = [r"^cls\."]  # a pre-training checkpoint's MLM/NSP heads
-        has_head = "classifier.weight" in state
+        new = [] if "classifier.weight" in state else [r"^classifier\."]  # a base checkpoint: a new head
+        if not any(k.endswith("pooler.dense.weight") for k in state):
+            new.append(r"^bert\.pooler\.")  # no pooler saved: it starts random too, as in transformers
         hub.load_state_dict_strict(model, state, source=str(d), prefix="bert.",
-                                   ignore_unexpected=heads + [r"position_ids$"],
-                                   optional=[] if has_head else [r"^classifier\."])
+                                   ignore_unexpected=heads + [r"position_ids$"], optional=new)
         model.source_dir = d
         return model.to(device=device, dtype=dtype)
 
