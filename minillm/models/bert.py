@@ -203,9 +203,10 @@ class BertModel(nn.Module):
         else:
             if tuple(token_type_ids.shape) != (B, T):
                 raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {(B, T)}")
-            if token_type_ids.numel() and (token_type_ids.min() < 0 or token_type_ids.max() >= cfg.type_vocab_size):
-                raise ValueError(f"token_type_ids: value {int(token_type_ids.max())} outside [0, {cfg.type_vocab_size}) "
-                                 f"(type_vocab_size={cfg.type_vocab_size})")
+            lo, hi = (int(token_type_ids.min()), int(token_type_ids.max())) if token_type_ids.numel() else (0, 0)
+            if lo < 0 or hi >= cfg.type_vocab_size:
+                raise ValueError(f"token_type_ids: value {hi if hi >= cfg.type_vocab_size else lo} outside "
+                                 f"[0, {cfg.type_vocab_size}) (type_vocab_size={cfg.type_vocab_size})")
         if position_ids is None:
             position_ids = torch.arange(T, device=dev)[None]  # (1, T): BERT counts positions from 0, pads included
         mask = key_mask(attention_mask, B, T, dev)  # bool (B, 1, 1, T) or None
