@@ -46,6 +46,100 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_rlhf_demo(sub) -> None:
+    p = sub.add_parser("rlhf-demo", help="offline RLHF end to end: SFT -> reward model -> PPO with a KL penalty")
+    p.add_argument("--name", default="rlhf-demo", help="run name: results go to <out-dir>/<name>/")
+    p.add_argument("--out-dir", default="runs")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="initial β of the KL penalty (0: off, shows reward hacking)")
+    p.add_argument("--fixed-kl", action="store_true", help="keep β fixed (default: adaptive controller)")
+    p.add_argument("--target-kl", type=float, default=3.0, help="adaptive controller's target, nats per response")
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "abs", "mse", "k3", "full"])
+    p.add_argument("--ppo-steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale settings (a smoke run; numbers are rough)")
+    p.set_defaults(func=cmd_rlhf_demo)
+
+
+def cmd_rlhf_demo(args) -> int:
+    from minillm.demos.rlhf_demo import DemoConfig, run_demo
+
+    kw = dict(name=args.name, out_dir=args.out_dir, kl_coef=args.kl_coef, adaptive_kl=not args.fixed_kl,
+              target_kl=args.target_kl, kl_estimator=args.kl_estimator, seed=args.seed, threads=args.threads)
+    if not args.tiny:
+        kw["ppo_steps"] = args.ppo_steps
+    cfg = DemoConfig.tiny(**kw) if args.tiny else DemoConfig(**kw)
+    run_demo(cfg)
+    return 0
+
+
+def add_train_reward(sub) -> None:
+    p = sub.add_parser("train-reward", help="train a reward model (GPT-2 or BERT + scalar head) on preference pairs")
+    p.add_argument("--model", required=True, help="backbone checkpoint: directory, weights/<name>, or hub id")
+    p.add_argument("--data", required=True, help="pairs.jsonl: prompt, chosen, rejected [, margin | score_chosen, "
+                                                 "score_rejected]")
+    p.add_argument("--out", default="runs/reward-model", help="output directory")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--eval-frac", type=float, default=0.1, help="share of pairs held out for accuracy")
+    p.add_argument("--center-coef", type=float, default=0.0, help="reward centering coefficient")
+    p.add_argument("--no-margin", action="store_true", help="ignore margins (InstructGPT's loss)")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train_reward)
+
+
+def cmd_train_reward(args) -> int:
+    from minillm.rlhf.jobs import train_reward_job
+    from minillm.train.device import pick_device
+
+    rec = train_reward_job(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, eval_frac=args.eval_frac, center_coef=args.center_coef,
+                           use_margin=not args.no_margin, seed=args.seed, device=str(pick_device(args.device)),
+                           max_length=args.max_length)
+    print(f"held-out pairwise accuracy: {rec['eval_acc']}")
+    return 0
+
+
+def add_ppo(sub) -> None:
+    p = sub.add_parser("ppo", help="PPO of a GPT-2 policy against a reward model, with a KL penalty")
+    p.add_argument("--policy", required=True, help="GPT-2 checkpoint (directory, weights/<name>, or hub id)")
+    p.add_argument("--reward-model", required=True, help="directory written by `minillm train-reward`")
+    p.add_argument("--prompts", required=True, help='prompts.jsonl: {"prompt": ...} per line')
+    p.add_argument("--out", default="runs/ppo-policy")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mini-batch-size", type=int, default=16)
+    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1.41e-5)
+    p.add_argument("--kl-coef", type=float, default=0.2, help="initial β")
+    p.add_argument("--fixed-kl", action="store_true")
+    p.add_argument("--target-kl", type=float, default=6.0)
+    p.add_argument("--horizon", type=float, default=10000.0)
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "abs", "mse", "k3", "full"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_ppo)
+
+
+def cmd_ppo(args) -> int:
+    from minillm.rlhf.jobs import ppo_job
+    from minillm.rlhf.ppo import PPOConfig
+    from minillm.train.device import pick_device
+
+    cfg = PPOConfig(lr=args.lr, batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
+                    ppo_epochs=args.ppo_epochs, init_kl_coef=args.kl_coef, adaptive_kl=not args.fixed_kl,
+                    target_kl=args.target_kl, horizon=args.horizon, kl_estimator=args.kl_estimator,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    ppo_job(args.policy, args.reward_model, args.prompts, args.out, steps=args.steps, config=cfg, seed=args.seed,
+            device=str(pick_device(args.device)))
+    return 0
+
+
 def add_attention(sub) -> None:
     p = sub.add_parser("attention", help="print one layer/head's attention weights for a sentence (BERT, DistilBERT)")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="checkpoint directory, weights/<name>, or hub id")
@@ -124,17 +218,18 @@ def add_sft(sub) -> None:
 
 
 def _unload_adapters(model) -> None:
-    """Replace LoRA wrappers (merged) and 4-bit layers by plain nn.Linear so save_pretrained writes hub names."""
+    """Replace each LoRA wrapper by a plain nn.Linear holding W + (α/r)·B·A (W dequantized in fp32 when
+    it is NF4, so the merge adds no second rounding), and each remaining 4-bit layer by its
+    dequantized weight, so that save_pretrained writes plain hub names."""
     import torch
 
-    from minillm.lora import LoRALinear, merge_lora
+    from minillm.lora import LoRALinear
     from minillm.nf4 import Linear4bit
 
-    def plain(layer):
-        if isinstance(layer, Linear4bit):
-            w = layer.dequantize_weight(torch.float32)
-        else:
-            w = layer.weight.detach().float()
+    def plain(layer, delta=None):
+        w = layer.dequantize_weight(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
+        if delta is not None:
+            w = w + delta.float()
         lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(w)
@@ -142,12 +237,15 @@ def _unload_adapters(model) -> None:
                 lin.bias.copy_(layer.bias.float())
         return lin
 
-    merge_lora(model)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (LoRALinear, Linear4bit)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, plain(m.base_layer if isinstance(m, LoRALinear) else m))
+    for kind in (LoRALinear, Linear4bit):  # wrappers first; then 4-bit layers that had no adapter
+        for name, m in list(model.named_modules()):
+            if isinstance(m, kind):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                if kind is LoRALinear:
+                    setattr(parent, child, plain(m.base_layer, None if m.merged else m.delta_weight().detach()))
+                else:
+                    setattr(parent, child, plain(m))
 
 
 def cmd_sft(args) -> int:
@@ -296,6 +394,37 @@ def cmd_classify(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(
             {"labels": names, "steps": result.step, "final_loss": result.losses[-1], "eval": final}, indent=2) + "\n")
         print(" | ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or f"saved {out}")
+def add_vqa_demo(sub) -> None:
+    p = sub.add_parser("vqa-demo", help="train a tiny ViT + DistilBERT + GPT-2 VQA model on synthetic shapes (CPU, minutes)")
+    p.add_argument("--images", type=int, default=None, help="synthetic scenes (5 questions each, 20%% held out)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--fusion", choices=["mean", "tokens", "both"], default="both",
+                   help="mean: the book's one fused vector; tokens: every projected token; both: compare")
+    p.add_argument("--out-dir", default="runs/vqa-demo", help="where the example figure goes (needs the plots extra)")
+    p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_vqa_demo)
+
+
+def cmd_vqa_demo(args) -> int:
+    from minillm.demos.vqa_demo import VQADemoConfig, run_vqa_demo
+
+    cfg = VQADemoConfig(seed=args.seed, device=args.device, threads=args.threads,
+                        fusions=("mean", "tokens") if args.fusion == "both" else (args.fusion,))
+    if args.images is not None:
+        cfg.n_images = args.images
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    plot = not args.no_plot
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("(no figure: matplotlib is not installed; pip install 'minillm[plots]')")
+            plot = False
+    run_vqa_demo(cfg, out_dir=args.out_dir, plot=plot)
     return 0
 
 
@@ -303,9 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     sub = ap.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_rlhf_demo(sub)
+    add_train_reward(sub)
+    add_ppo(sub)
     add_attention(sub)
     add_sft(sub)
     add_classify(sub)
+    add_vqa_demo(sub)
     return ap
 
 
