@@ -260,23 +260,11 @@ def sentence_embeddings(model: nn.Module, tokenizer, sentences: Sequence[str], n
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(sentences), batch_size):
-        enc = tokenizer.pad(encode_truncated(tokenizer, sentences[i:i + batch_size], max_length), padding_side="right")
+        enc = tokenizer.pad(tokenizer.encode_truncated(sentences[i:i + batch_size], max_length), padding_side="right")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         emb = mean_pooling(model(ids, attention_mask=mask).float(), mask)
         out.append(F.normalize(emb, p=2, dim=-1) if normalize else emb)
     return torch.cat(out).cpu()
-
-
-def encode_truncated(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids with the text cut to fit max_length *including* [CLS]/[SEP] (as transformers truncates:
-    the text is shortened, the special tokens stay)."""
-    hf = tokenizer.tok  # the tokenizers.Tokenizer inside minillm's wrapper
-    n_special = hf.post_processor.num_special_tokens_to_add(False) if hf.post_processor is not None else 0
-    rows = []
-    for e in hf.encode_batch(list(texts), add_special_tokens=False):
-        e.truncate(max_length - n_special)
-        rows.append(hf.post_process(e).ids)
-    return rows
 
 
 class BertForSequenceClassification(nn.Module):
