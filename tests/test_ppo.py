@@ -2,7 +2,6 @@
 per-definition transcription of trl v0.11 (tests/golden/rlhf.safetensors) and properties; plus the loop."""
 
 import math
-import warnings
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,5 @@
 """Reward model: the book's numbers, trl-formula goldens, rankings -> pairs, pooling, bad input."""
 
-import math
 from pathlib import Path
 
 import pytest
