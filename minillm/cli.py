@@ -224,17 +224,18 @@ def add_sft(sub) -> None:
 
 
 def _unload_adapters(model) -> None:
-    """Replace LoRA wrappers (merged) and 4-bit layers by plain nn.Linear so save_pretrained writes hub names."""
+    """Replace each LoRA wrapper by a plain nn.Linear holding W + (α/r)·B·A (W dequantized in fp32 when
+    it is NF4, so the merge adds no second rounding), and each remaining 4-bit layer by its
+    dequantized weight, so that save_pretrained writes plain hub names."""
     import torch
 
-    from minillm.lora import LoRALinear, merge_lora
+    from minillm.lora import LoRALinear
     from minillm.nf4 import Linear4bit
 
-    def plain(layer):
-        if isinstance(layer, Linear4bit):
-            w = layer.dequantize_weight(torch.float32)
-        else:
-            w = layer.weight.detach().float()
+    def plain(layer, delta=None):
+        w = layer.dequantize_weight(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
+        if delta is not None:
+            w = w + delta.float()
         lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(w)
@@ -242,12 +243,15 @@ def _unload_adapters(model) -> None:
                 lin.bias.copy_(layer.bias.float())
         return lin
 
-    merge_lora(model)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (LoRALinear, Linear4bit)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, plain(m.base_layer if isinstance(m, LoRALinear) else m))
+    for kind in (LoRALinear, Linear4bit):  # wrappers first; then 4-bit layers that had no adapter
+        for name, m in list(model.named_modules()):
+            if isinstance(m, kind):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                if kind is LoRALinear:
+                    setattr(parent, child, plain(m.base_layer, None if m.merged else m.delta_weight().detach()))
+                else:
+                    setattr(parent, child, plain(m))
 
 
 def cmd_sft(args) -> int:
@@ -396,6 +400,37 @@ def cmd_classify(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(
             {"labels": names, "steps": result.step, "final_loss": result.losses[-1], "eval": final}, indent=2) + "\n")
         print(" | ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or f"saved {out}")
+def add_vqa_demo(sub) -> None:
+    p = sub.add_parser("vqa-demo", help="train a tiny ViT + DistilBERT + GPT-2 VQA model on synthetic shapes (CPU, minutes)")
+    p.add_argument("--images", type=int, default=None, help="synthetic scenes (5 questions each, 20%% held out)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--fusion", choices=["mean", "tokens", "both"], default="both",
+                   help="mean: the book's one fused vector; tokens: every projected token; both: compare")
+    p.add_argument("--out-dir", default="runs/vqa-demo", help="where the example figure goes (needs the plots extra)")
+    p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_vqa_demo)
+
+
+def cmd_vqa_demo(args) -> int:
+    from minillm.demos.vqa_demo import VQADemoConfig, run_vqa_demo
+
+    cfg = VQADemoConfig(seed=args.seed, device=args.device, threads=args.threads,
+                        fusions=("mean", "tokens") if args.fusion == "both" else (args.fusion,))
+    if args.images is not None:
+        cfg.n_images = args.images
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    plot = not args.no_plot
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("(no figure: matplotlib is not installed; pip install 'minillm[plots]')")
+            plot = False
+    run_vqa_demo(cfg, out_dir=args.out_dir, plot=plot)
     return 0
 
 
@@ -409,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_attention(sub)
     add_sft(sub)
     add_classify(sub)
+    add_vqa_demo(sub)
     return ap
 
 

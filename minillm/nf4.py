@@ -189,8 +189,7 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     q = q.reshape(-1)
     if q.numel() % 2:
         q = F.pad(q, (0, 1), value=7)
-    q = q.view(-1, 2)  # (bytes, 2): (high, low)
-    return (q[:, 0] * 16 + q[:, 1]).to(torch.uint8)
+    return torch.add(q[1::2], q[0::2], alpha=16).to(torch.uint8)  # 16·high + low
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -280,6 +279,26 @@ def nf4_nbytes(packed: torch.Tensor, state: NF4State) -> int:
 # A frozen 4-bit linear layer
 # ---------------------------------------------------------------------------------------------
 
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b with W dequantized in the forward and again in the backward, so the
+    full-precision weight is never held between the two: for QLoRA training only the 4-bit codes
+    stay in memory (bitsandbytes' MatMul4Bit does the same). W gets no gradient; x and b do."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, dtype):
+        ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
+        return F.linear(x, layer.dequantize_weight(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.layer.dequantize_weight(ctx.dtype)  # (..., out) @ (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_b, None, None
+
+
 class Linear4bit(nn.Module):
     """y = x · dequant(W_nf4)ᵀ + b, the weight frozen in NF4 and dequantized in the compute dtype
     (fp32, bf16 or fp16; default: the input's dtype) at every forward, as bitsandbytes'
@@ -292,13 +311,14 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         self.weight_shape, self.weight_dtype = tuple(state.shape), state.dtype
         self.blocksize = state.blocksize
+        # Buffers only (frozen). The float32 scales are kept as their int32 bit patterns so that
+        # model.to(torch.bfloat16) / .half() cannot round them (casts skip integer buffers).
         self.register_buffer("weight_packed", packed)
-        if state.double_quant:
-            self.register_buffer("weight_absmax_codes", state.absmax_codes)
-            self.register_buffer("weight_nested_absmax", state.nested_absmax)
-            self.register_buffer("weight_offset", state.offset)
-        else:
-            self.register_buffer("weight_absmax", state.absmax_f32)
+        self.register_buffer("weight_absmax_codes", None)
+        self.register_buffer("weight_nested_absmax", None)
+        self.register_buffer("weight_offset", None)
+        self.register_buffer("weight_absmax", None)
+        self._store(state)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
 
     @classmethod
@@ -307,19 +327,28 @@ class Linear4bit(nn.Module):
         packed, state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
 
+    def _store(self, state: NF4State) -> None:
+        bits = lambda t: t.contiguous().view(torch.int32)  # noqa: E731  float32 -> its bit pattern
+        if state.double_quant:
+            self.weight_absmax_codes = state.absmax_codes
+            self.weight_nested_absmax, self.weight_offset = bits(state.nested_absmax), bits(state.offset)
+        else:
+            self.weight_absmax = bits(state.absmax_f32)
+
     @property
     def state(self) -> NF4State:
         s = NF4State(shape=torch.Size(self.weight_shape), dtype=self.weight_dtype, blocksize=self.blocksize)
-        if hasattr(self, "weight_absmax_codes"):
-            s.absmax_codes, s.nested_absmax, s.offset = (
-                self.weight_absmax_codes, self.weight_nested_absmax.float(), self.weight_offset.float())
+        if self.double_quant:
+            s.absmax_codes = self.weight_absmax_codes
+            s.nested_absmax = self.weight_nested_absmax.view(torch.float32)
+            s.offset = self.weight_offset.view(torch.float32)
         else:
-            s.absmax_f32 = self.weight_absmax.float()
+            s.absmax_f32 = self.weight_absmax.view(torch.float32)
         return s
 
     @property
     def double_quant(self) -> bool:
-        return hasattr(self, "weight_absmax_codes")
+        return self.weight_absmax_codes is not None
 
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(out, in): the stored dtype's dequantization (bit-exact with bitsandbytes), then `dtype`."""
@@ -330,20 +359,18 @@ class Linear4bit(nn.Module):
         """Re-quantize a new full-precision weight into this layer (same block size and double quant)."""
         packed, state = quantize_nf4(weight.detach().to(self.weight_dtype), self.blocksize, self.double_quant)
         self.weight_packed = packed
-        if state.double_quant:
-            self.weight_absmax_codes, self.weight_nested_absmax, self.weight_offset = (
-                state.absmax_codes, state.nested_absmax, state.offset)
-        else:
-            self.weight_absmax = state.absmax_f32
+        self._store(state)
 
     def weight_nbytes(self) -> int:
         return nf4_nbytes(self.weight_packed, self.state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        w = self.dequantize_weight(dtype)  # (out, in)
         b = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x.to(dtype), w, b).to(x.dtype)
+        xc = x.to(dtype)
+        if torch.is_grad_enabled() and (xc.requires_grad or (b is not None and b.requires_grad)):
+            return _Linear4bitFunction.apply(xc, b, self, dtype).to(x.dtype)  # re-dequantizes in backward
+        return F.linear(xc, self.dequantize_weight(dtype), b).to(x.dtype)  # W: (out, in)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -373,7 +400,8 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(lin, blocksize, double_quant, compute_dtype))
+        q = Linear4bit.from_linear(lin, blocksize, double_quant, compute_dtype)
+        setattr(parent, child, q.train(lin.training))  # an eval-mode model stays in eval mode
     return model
 
 

@@ -136,3 +136,14 @@ def test_classifier_save_loads_in_transformers(tmp_path):
     torch.testing.assert_close(logits, r.logits, atol=ATOL, rtol=0)
     assert abs(loss.item() - r.loss.item()) < 1e-5
     assert json.loads((tmp_path / "config.json").read_text())["problem_type"] == "multi_label_classification"
+
+
+@pytest.mark.reference
+def test_real_config_names_and_shapes_equal_transformers():
+    """distilbert-base-uncased's config: every parameter name and shape as transformers has them."""
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        ref = transformers.DistilBertModel(transformers.DistilBertConfig())
+        ours = DistilBertModel(DistilBertConfig())
+    r = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == r

@@ -221,3 +221,44 @@ def test_progress_line_and_metrics_jsonl(tmp_path, capsys):
     assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == 5e-5 and steps[2]["lr"] == pytest.approx(5e-5 / 3)
     evals = [r for r in rows if "eval_answer" in r]
     assert [r["step"] for r in evals] == [2, 4] and evals[0]["eval_answer"] == 42.0
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 7), st.integers(0, 10_000), st.integers(1, 4))
+def test_token_normalized_split_equals_whole(B, T, seed, k):
+    """For any split of a batch into micro-batches: Σ ∇loss_sum / Σ n == ∇ of the token mean of the whole."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.4] = IGNORE
+    whole, n_whole = lm_loss_sum(logits, labels)
+    if n_whole == 0:
+        assert whole.item() == 0.0  # all masked: a finite zero, not NaN
+        return
+    (g_whole,) = torch.autograd.grad(whole / n_whole, logits)
+    total, count = 0, 0
+    for idx in torch.arange(B).chunk(k):
+        s, n = lm_loss_sum(logits[idx], labels[idx])
+        total, count = total + s, count + n
+    (g_split,) = torch.autograd.grad(total / count, logits)
+    torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-12)  # float64
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE, reduction="mean")
+    assert (whole / n_whole).item() == pytest.approx(ref.item(), rel=1e-12)  # = torch's mean over real tokens
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 20), st.integers(1, 200), st.sampled_from(["linear", "cosine", "constant"]))
+def test_schedule_properties(warmup, total, kind):
+    total = max(total, warmup + 1)
+    f = [lr_factor(s, warmup, total, kind) for s in range(total + 1)]
+    assert all(0.0 <= x <= 1.0 for x in f)
+    assert f[:warmup] == sorted(f[:warmup])                       # warmup rises
+    assert all(a >= b - 1e-12 for a, b in zip(f[warmup:], f[warmup + 1:]))  # then never rises
+    if warmup:
+        assert f[0] == 0.0
+    assert f[warmup] == 1.0

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from minillm import hub
 from minillm.models.image_processing import ImageProcessor, resample_weights
-from minillm.models.vit import ViTModel
+from minillm.models.vit import ViTConfig, ViTModel
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -188,3 +188,19 @@ def test_preprocessing_random_images_live():
                               image_std=[0.229, 0.224, 0.225])
         worst = max(worst, (ours(img)["pixel_values"] - ref(img, return_tensors="pt")["pixel_values"]).abs().max().item())
     assert worst <= 1e-5, f"max per-pixel difference {worst} (bar 1e-5)"
+
+
+@pytest.mark.slow  # writes a 330 MB checkpoint; the hub names are covered by the tiny golden checkpoints
+@pytest.mark.reference
+@pytest.mark.parametrize("pooler", [True, False])  # google/vit-base-patch16-224-in21k / facebook/dino-vitb16
+def test_real_config_names_and_shapes_equal_hub_layout(pooler, tmp_path):
+    """ViT-B/16's config: the names and shapes transformers writes to disk (the hub layout) are ours."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.ViTModel(transformers.ViTConfig(), add_pooling_layer=pooler).save_pretrained(tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    with torch.device("meta"):
+        ours = ViTModel(ViTConfig(), add_pooling_layer=pooler)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == saved

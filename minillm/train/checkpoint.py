@@ -18,6 +18,10 @@ Atomicity: a checkpoint is written into a hidden temporary folder, which is rena
 it (itself a temp file + rename), and only then are older checkpoints deleted. A process
 killed at any moment leaves `latest.json` pointing at a complete checkpoint.
 
+Under DDP rank 0 writes the checkpoint, so the RNG states saved are rank 0's and every rank
+restores them on resume; bit-exact resume is promised for single-process runs (and for DDP
+runs without dropout).
+
 Source: the layout follows transformers' Trainer checkpoints (optimizer, scheduler, scaler,
 rng_state) with pickle replaced by safetensors + JSON.
 """

@@ -32,7 +32,9 @@ cpu unless given. Under `torchrun --nproc_per_node N` (or any initialized proces
 model is wrapped in DistributedDataParallel, each process reads its DistributedSampler shard,
 counts are all-reduced so the normalization above is global, and only rank 0 logs and saves.
 Progress goes to stderr as one line per log_every steps; metrics to <out_dir>/metrics.jsonl;
-checkpoints to <out_dir>/checkpoints (checkpoint.py). A NaN/Inf loss stops the run with a message
+checkpoints to <out_dir>/checkpoints (checkpoint.py), and `resume` continues from them bit for bit
+(the data order and schedule are functions of the step; the loop seeds torch's global generator
+with seed + rank at the start of a fresh run). A NaN/Inf loss stops the run with a message
 before the weights are touched.
 
 Sources: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW, 2019); Micikevicius
@@ -124,11 +126,13 @@ class NonFiniteLossError(FloatingPointError):
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over positions whose label is not -100, and their count.
 
-    Token t predicts label t+1: logits[:, :-1] against labels[:, 1:]. Computed in fp32."""
+    Token t predicts label t+1. Rather than slicing the big logits (a copy of B·T·V floats), the
+    labels move one step left with a -100 appended, so the last position predicts nothing (as
+    transformers does). Computed in fp32 (or fp64 when given fp64)."""
     V = logits.shape[-1]
-    shift_logits = logits[:, :-1].reshape(-1, V).float()  # (B·(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1)              # (B·(T-1),)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B·T,)
+    logits = logits.reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
+    loss = F.cross_entropy(logits, shift_labels, ignore_index=-100, reduction="sum")
     return loss, (shift_labels != -100).sum()
 
 
