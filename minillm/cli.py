@@ -121,6 +121,11 @@ def add_ppo(sub) -> None:
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "abs", "mse", "k3", "full"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (0: full fine-tune); the "
+                                                         "reference is then the base with adapters disabled")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="c_attn,c_proj,c_fc", help="comma-separated module names")
+    p.add_argument("--nf4", action="store_true", help="QLoRA: store the frozen base linears in NF4 (needs --lora-r)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_ppo)
@@ -136,7 +141,8 @@ def cmd_ppo(args) -> int:
                     target_kl=args.target_kl, horizon=args.horizon, kl_estimator=args.kl_estimator,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     ppo_job(args.policy, args.reward_model, args.prompts, args.out, steps=args.steps, config=cfg, seed=args.seed,
-            device=str(pick_device(args.device)))
+            device=str(pick_device(args.device)), lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), nf4=args.nf4)
     return 0
 
 
