@@ -26,6 +26,7 @@ bitsandbytes' functional.py and backends/{default,cpu}/ops.py for the exact arit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -107,8 +108,29 @@ def _dynamic_lut(code: torch.Tensor) -> torch.Tensor:
 _DYNAMIC_LUT = _dynamic_lut(DYNAMIC_CODE)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Small tensors (the absmax vectors) are quantized on one thread: splitting a few thousand values
+    over threads costs more in synchronisation than it saves (badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 8-bit quantization of a float32 vector with the dynamic map -> (codes uint8, absmax float32)."""
+    if x.numel() <= 1 << 20 and x.device.type == "cpu":
+        with _one_thread():
+            return _quantize_blockwise_8bit(x, blocksize)
+    return _quantize_blockwise_8bit(x, blocksize)
+
+
+def _quantize_blockwise_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.reshape(-1).float()
     n = x.numel()
     nblocks = -(-n // blocksize)
@@ -116,8 +138,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     absmax = padded.abs().amax(dim=1)                                          # (blocks,)
     inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)                          # reciprocal, then multiply
     v = (padded * inv[:, None]).clamp_(-1.0, 1.0)
-    step = ((v + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)            # truncation toward zero
-    codes = _DYNAMIC_LUT.to(x.device)[step]
+    step = v.add_(1.0).mul_(0.5).mul_(_LUT_SIZE - 1).add_(0.5).to(torch.int32)  # ((v+1)·0.5)·65535 + 0.5, truncated
+    codes = _DYNAMIC_LUT.to(x.device).index_select(0, step.view(-1)).view(nblocks, blocksize)
     codes[absmax == 0] = 0  # an all-zero block stores code 0 everywhere (bitsandbytes' memset)
     return codes.reshape(-1)[:n], absmax
 
