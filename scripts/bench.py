@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-AREAS = ["gpt2"]
+AREAS = ["gpt2", "encoders", "quant", "train"]
 
 
 def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:

@@ -1,0 +1,329 @@
+"""BERT: a bidirectional transformer encoder (post-LN), loading the hub's safetensors checkpoints by name.
+
+    h_0 = LN(W_word[x] + W_pos[t] + W_type[s])          (token, position, segment embeddings)
+    a_l = LN(h_{l-1} + Attn(h_{l-1}))                    (post-LN: the norm comes after the residual)
+    h_l = LN(a_l + W_2 · gelu(W_1 a_l))
+    pooler = tanh(W_p h_L[:, 0])                          (the [CLS] vector, when the checkpoint has one)
+
+Every token attends to every other real token (no causal mask); pads are hidden by the
+attention mask. Sentence embeddings (sentence-transformers' all-MiniLM-L6-v2) are the mean of
+the last hidden states over real tokens, L2-normalized. Parameter names are the hub's
+(`encoder.layer.0.attention.self.query.weight`; the odd `attention.self` / `attention.output`
+nesting is kept). BertModel's names carry no `bert.` prefix, as the hub's BertModel checkpoints;
+task checkpoints (`bert.` + `cls.*` / `classifier.*`) load too (see pretrained.py), and
+BertForSequenceClassification keeps the `bert.` prefix so its saves load in transformers.
+
+Source: Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers" (2019);
+Reimers & Gurevych, "Sentence-BERT" (2019) for mean pooling; transformers' modeling_bert.py
+for names and layout; the book, ch. 10, for the multi-label classifier and partial freezing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillm import hub
+from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
+from minillm.models.gpt2 import ACTIVATIONS
+from minillm.models.heads import classification_loss
+from minillm.models.pretrained import EncoderOutput, base_state, init_weights, key_mask, read_checked_config
+
+IGNORED = [r"^embeddings\.position_ids$"]  # an old buffer (0..511) some checkpoints carry; we build positions
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: Optional[int] = 0
+    position_embedding_type: str = "absolute"
+    classifier_dropout: Optional[float] = None
+    id2label: Optional[dict] = None  # classifier labels, {"0": "neg", ...} as in config.json
+    problem_type: Optional[str] = None  # single_label_classification | multi_label_classification | regression
+    model_type: str = "bert"
+    use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise hub.CheckpointError(f"config: hidden_size={self.hidden_size} is not divisible by "
+                                      f"num_attention_heads={self.num_attention_heads}")
+        if self.position_embedding_type != "absolute":
+            raise hub.CheckpointError(f"config: position_embedding_type '{self.position_embedding_type}' is not "
+                                      f"supported (only 'absolute')")
+        if self.hidden_act not in ACTIVATIONS:
+            raise hub.CheckpointError(f"config: hidden_act '{self.hidden_act}' not supported (one of {sorted(ACTIVATIONS)})")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label) if self.id2label else 2
+
+    def to_hub_dict(self, architecture: str = "BertModel") -> dict:
+        d = hub.as_config_dict(self)
+        d.pop("use_sdpa")
+        for k in ("id2label", "problem_type", "classifier_dropout"):
+            if d[k] is None:
+                d.pop(k)
+        if self.id2label:
+            d["label2id"] = {v: int(k) for k, v in self.id2label.items()}
+        d["architectures"] = [architecture]
+        return d
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) \
+            + self.token_type_embeddings(token_type_ids)  # (B, T, H)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.cfg = cfg
+        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+
+    def forward(self, x, mask=None, return_weights: bool = False):
+        nh = self.cfg.num_attention_heads
+        q, k, v = (split_heads(f(x), nh) for f in (self.query, self.key, self.value))  # (B, nh, T, hs)
+        res = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, return_weights=return_weights, use_sdpa=self.cfg.use_sdpa,
+            dropout_p=self.cfg.attention_probs_dropout_prob if self.training else 0.0)
+        y, w = res if return_weights else (res, None)
+        return merge_heads(y), w  # (B, T, H)
+
+
+class BertAddNorm(nn.Module):
+    """LN(x + dropout(W y)): the post-LN residual step (hub names: `attention.output`, `output`)."""
+
+    def __init__(self, d_in: int, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, y, residual):
+        return self.LayerNorm(residual + self.dropout(self.dense(y)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(cfg)  # hub name: attention.self.{query,key,value}
+        self.output = BertAddNorm(cfg.hidden_size, cfg)
+
+    def forward(self, x, mask=None, return_weights: bool = False):
+        y, w = self.self(x, mask, return_weights)
+        return self.output(y, x), w
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertAddNorm(cfg.intermediate_size, cfg)
+
+    def forward(self, x, mask=None, return_weights: bool = False):
+        a, w = self.attention(x, mask, return_weights)
+        return self.output(self.intermediate(a), a), w
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+class BertPooler(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, h):
+        return torch.tanh(self.dense(h[:, 0]))  # the [CLS] token, (B, H)
+
+
+class BertModel(nn.Module):
+    """BERT encoder. forward(input_ids, attention_mask, token_type_ids) -> last hidden state (B, T, H).
+
+    With return_pooled / output_attentions it returns an EncoderOutput (last_hidden_state,
+    pooler_output, attentions) instead."""
+
+    def __init__(self, cfg: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+        self.pooler = BertPooler(cfg) if add_pooling_layer else None
+        init_weights(self, cfg.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                return_pooled: bool = False, output_attentions: bool = False):
+        cfg = self.config
+        hub.checked_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        else:
+            if tuple(token_type_ids.shape) != (B, T):
+                raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {(B, T)}")
+            if token_type_ids.numel() and (token_type_ids.min() < 0 or token_type_ids.max() >= cfg.type_vocab_size):
+                raise ValueError(f"token_type_ids: value {int(token_type_ids.max())} outside [0, {cfg.type_vocab_size}) "
+                                 f"(type_vocab_size={cfg.type_vocab_size})")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=dev)[None]  # (1, T): BERT counts positions from 0, pads included
+        mask = key_mask(attention_mask, B, T, dev)  # bool (B, 1, 1, T) or None
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        attentions = [] if output_attentions else None
+        for layer in self.encoder.layer:
+            x, w = layer(x, mask, output_attentions)
+            if output_attentions:
+                attentions.append(w)
+        if not (return_pooled or output_attentions):
+            return x
+        pooled = self.pooler(x) if (return_pooled and self.pooler is not None) else None
+        if return_pooled and self.pooler is None:
+            raise ValueError("return_pooled=True, but this checkpoint has no pooler (pooler.dense.*)")
+        return EncoderOutput(x, pooled, attentions)
+
+    # ---- hub I/O ----
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: Optional[torch.dtype] = None, device=None,
+                        **overrides) -> "BertModel":
+        """Load a BERT checkpoint (BertModel layout, or a task layout with the `bert.` prefix; its heads are
+        skipped). The pooler is built when the checkpoint has one. `overrides` change config keys (use_sdpa=...)."""
+        d, raw = read_checked_config(name_or_path, "bert", cls.__name__)
+        cfg = hub.config_from_dict(BertConfig, {**raw, **overrides}, str(d / "config.json"))
+        state = base_state(hub.load_safetensors(d), "bert.")
+        model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
+        hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
+        model.source_dir = d
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str) -> Path:
+        """config.json + model.safetensors in the hub's BertModel layout (no prefix)."""
+        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("BertModel"))
+        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
+        return d
+
+
+def mean_pooling(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of the hidden states (B, T, H) over real tokens -> (B, H) (sentence-transformers' mean pooling)."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer, sentences: Sequence[str], normalize: bool = True,
+                        max_length: int = 256, batch_size: int = 32) -> torch.Tensor:
+    """Encode sentences as sentence-transformers' all-MiniLM-L6-v2 does: tokenize (truncated to
+    max_length), encode, mean-pool over real tokens, L2-normalize. Returns (N, H) float32."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tokenizer.pad(encode_truncated(tokenizer, sentences[i:i + batch_size], max_length), padding_side="right")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        emb = mean_pooling(model(ids, attention_mask=mask).float(), mask)
+        out.append(F.normalize(emb, p=2, dim=-1) if normalize else emb)
+    return torch.cat(out).cpu()
+
+
+def encode_truncated(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids with the text cut to fit max_length *including* [CLS]/[SEP] (as transformers truncates:
+    the text is shortened, the special tokens stay)."""
+    hf = tokenizer.tok  # the tokenizers.Tokenizer inside minillm's wrapper
+    n_special = hf.post_processor.num_special_tokens_to_add(False) if hf.post_processor is not None else 0
+    rows = []
+    for e in hf.encode_batch(list(texts), add_special_tokens=False):
+        e.truncate(max_length - n_special)
+        rows.append(hf.post_process(e).ids)
+    return rows
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + dropout + linear on the pooled [CLS] vector -> logits (B, num_labels); hub names `bert.*`,
+    `classifier.*`. forward(..., labels=None) -> logits, or (loss, logits) with labels: cross-entropy for
+    single-label, BCE-with-logits for multi-label (config.problem_type, else inferred from the labels)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg, add_pooling_layer=True)
+        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        init_weights(self.classifier, cfg.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_pooled=True)
+        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        if labels is None:
+            return logits
+        return classification_loss(logits, labels, self.config.problem_type), logits
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, num_labels: Optional[int] = None, problem_type: Optional[str] = None,
+                        dtype: Optional[torch.dtype] = None, device=None,
+                        **overrides) -> "BertForSequenceClassification":
+        """Load a BERT checkpoint; a base checkpoint gets a new, randomly initialized classifier with
+        `num_labels` outputs (the checkpoint's own labels otherwise)."""
+        d, raw = read_checked_config(name_or_path, "bert", cls.__name__)
+        raw = {**raw, **overrides}
+        if num_labels is not None and (not raw.get("id2label") or len(raw["id2label"]) != num_labels):
+            raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        if problem_type is not None:
+            raw["problem_type"] = problem_type
+        cfg = hub.config_from_dict(BertConfig, raw, str(d / "config.json"))
+        model = cls(cfg)
+        state = hub.load_safetensors(d)
+        heads = [r"^cls\."]  # a pre-training checkpoint's MLM/NSP heads
+        has_head = "classifier.weight" in state
+        hub.load_state_dict_strict(model, state, source=str(d), prefix="bert.",
+                                   ignore_unexpected=heads + [r"position_ids$"],
+                                   optional=[] if has_head else [r"^classifier\."])
+        model.source_dir = d
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str) -> Path:
+        d = hub.save_checkpoint_dir(directory, self.state_dict(),
+                                    self.config.to_hub_dict("BertForSequenceClassification"))
+        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
+        return d

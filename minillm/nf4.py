@@ -1,0 +1,433 @@
+"""NF4: 4-bit NormalFloat quantization of weights, blockwise, with optional double quantization.
+
+A weight tensor is cut into blocks of `blocksize` consecutive values (flattened, row-major).
+Each block is scaled by its absolute maximum into [-1, 1], and each scaled value is replaced
+by the index of the nearest of 16 fixed code values, NF4_CODE, chosen so that normally
+distributed weights fill the 16 bins equally. Two 4-bit indices share a byte.
+
+    absmax_b = max_{i in b} |x_i|
+    q_i      = argmin_j |x_i / absmax_b - NF4_CODE[j]|     (ties to the lower code: midpoints)
+    x̂_i      = NF4_CODE[q_i] · absmax_b
+
+Double quantization stores the per-block absmax values themselves in 8 bits: subtract their
+mean (the offset), then quantize blockwise again (blocks of 256) with bitsandbytes' signed
+8-bit "dynamic" map (create_dynamic_map), keeping one float32 scale per 256 blocks:
+absmax_b ≈ DYNAMIC_CODE[c_b] · nested_absmax_{b // 256} + offset. At block size 64 that is
+0.5 + 4/64 = 0.5625 bytes per weight without, ≈ 0.516 with double quantization.
+
+Everything here reproduces bitsandbytes 0.50.2 on CPU bit for bit (its quantize_4bit /
+dequantize_4bit with quant_type="nf4" and compress_statistics=double_quant): the same
+float32 operations in the same order, including two quirks noted where they happen.
+
+Sources: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023), §3;
+Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (2022) for the dynamic map;
+bitsandbytes' functional.py and backends/{default,cpu}/ops.py for the exact arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The 16 NF4 values, exactly as bitsandbytes defines them. Derivation (bitsandbytes'
+# create_normal_map(offset=0.9677083, use_extra_value=True)): take the standard normal
+# quantiles Φ⁻¹(p) at 8 probabilities evenly spaced from 0.5 to `offset` for the positive side
+# and at 7 for the negative side (dropping p = 0.5 each time), add an exact 0, and divide by
+# the largest magnitude so the table spans [-1, 1]. Asymmetric on purpose: 0 is representable
+# exactly, and there are 8 positive but 7 negative nonzero values.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+# A scaled value goes to code j when MIDPOINTS[j-1] < v <= MIDPOINTS[j] (float32 midpoints).
+NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
+NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The 8-bit dynamic map used by double quantization
+# ---------------------------------------------------------------------------------------------
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit code: values d · 10^-e for decades e = 6..0, where the linear
+    fraction d gets fewer points at small magnitudes; plus 0 and 1. Sorted, 256 float32 values.
+    (Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", 2016.)"""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        n_frac = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                     else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        boundaries = torch.linspace(0.1, 1, n_frac, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0  # fraction points: midpoints of the grid
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+DYNAMIC_CODE = create_dynamic_map()
+_LUT_SIZE = 65536
+
+
+def _dynamic_lut(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU 8-bit quantizer does not search the code per value: it cuts [-1, 1] into
+    65536 equal steps and precomputes, for each step value v_i = -1 + 2i/65535, the nearest code
+    (the number of code midpoints below v_i). A value is then rounded to its step first. This
+    two-stage rounding is what we reproduce (quirk 1: it can differ from the exact nearest code
+    for values within 1/65535 of a midpoint)."""
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    i = torch.arange(_LUT_SIZE, dtype=torch.float32)
+    v = -1.0 + (2.0 * i) / (_LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, v, right=False).to(torch.uint8)  # count of midpoints < v
+
+
+_DYNAMIC_LUT = _dynamic_lut(DYNAMIC_CODE)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of a float32 vector with the dynamic map -> (codes uint8, absmax float32)."""
+    x = x.reshape(-1).float()
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = F.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)  # (blocks, blocksize); pads are 0
+    absmax = padded.abs().amax(dim=1)                                          # (blocks,)
+    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)                          # reciprocal, then multiply
+    v = (padded * inv[:, None]).clamp_(-1.0, 1.0)
+    step = ((v + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)            # truncation toward zero
+    codes = _DYNAMIC_LUT.to(x.device)[step]
+    codes[absmax == 0] = 0  # an all-zero block stores code 0 everywhere (bitsandbytes' memset)
+    return codes.reshape(-1)[:n], absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
+                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    n = codes.numel()
+    nblocks = absmax.numel()
+    vals = DYNAMIC_CODE.to(codes.device)[codes.long()]
+    vals = F.pad(vals, (0, nblocks * blocksize - n)).view(nblocks, blocksize) * absmax[:, None]
+    return vals.reshape(-1)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 quantization
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class NF4State:
+    """Everything needed to undo quantize_nf4: the original shape and dtype, the block size and
+    the per-block scales — float32 absmax, or with double quantization the 8-bit absmax codes,
+    one float32 nested absmax per 256 blocks and the float32 offset (the mean absmax)."""
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    absmax_f32: Optional[torch.Tensor] = None     # (blocks,) float32, without double quantization
+    absmax_codes: Optional[torch.Tensor] = None   # (blocks,) uint8, with double quantization
+    nested_absmax: Optional[torch.Tensor] = None  # (ceil(blocks / 256),) float32
+    offset: Optional[torch.Tensor] = None         # () float32
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_codes is not None
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """The per-block scales as float32 (decoded from the 8-bit codes under double quantization)."""
+        if not self.double_quant:
+            return self.absmax_f32
+        return (dequantize_blockwise_8bit(self.absmax_codes, self.nested_absmax) + self.offset).float()
+
+    def nbytes(self) -> int:
+        """Bytes of the scales (the packed codes are counted by the caller)."""
+        ts = [self.absmax_f32] if not self.double_quant else [self.absmax_codes, self.nested_absmax, self.offset]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"unsupported NF4 block size {blocksize}: bitsandbytes accepts {list(BLOCKSIZES)}")
+
+
+def codes_reference(scaled: torch.Tensor) -> torch.Tensor:
+    """Written out: the code index is the number of midpoints strictly below the value (int32)."""
+    q = torch.zeros(scaled.shape, dtype=torch.int32, device=scaled.device)
+    for m in NF4_MIDPOINTS.tolist():  # 15 comparisons, one per midpoint
+        q += (scaled > m).int()
+    return q
+
+
+def codes_fast(scaled: torch.Tensor) -> torch.Tensor:
+    """The same indices by binary search (torch.bucketize: boundaries[i-1] < v <= boundaries[i])."""
+    return torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device), out_int32=True)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, the first element in the high nibble; an odd tail is padded
+    with the code of 0.0 (index 7), as bitsandbytes pads the scaled values with zero."""
+    q = q.reshape(-1)
+    if q.numel() % 2:
+        q = F.pad(q, (0, 1), value=7)
+    return torch.add(q[1::2], q[0::2], alpha=16).to(torch.uint8)  # 16·high + low
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: the n codes (uint8) in order."""
+    q = torch.stack([packed >> 4, packed & 0xF], dim=1)  # (bytes, 2)
+    return q.reshape(-1)[:n]
+
+
+def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
+                 fast: bool = True) -> tuple[torch.Tensor, NF4State]:
+    """Quantize a float tensor (fp32, fp16 or bf16, any shape) to NF4.
+
+    Returns (packed, state): packed is a flat uint8 tensor of (x.numel() + 1) // 2 bytes.
+    fast=False uses the written-out code search (codes_reference); both give the same bytes.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_nf4 needs a float32, float16 or bfloat16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    check_blocksize(blocksize)
+    if x.numel() == 0:
+        raise ValueError(f"quantize_nf4: empty tensor of shape {tuple(x.shape)}")
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].view(-1, blocksize)  # (full blocks, blocksize)
+    if fast:  # max|x| = max(-min x, max x): one read of the block, no |x| temporary
+        lo, hi = torch.aminmax(blocks, dim=1)
+        absmax = torch.maximum(-lo, hi)
+    else:
+        absmax = blocks.abs().amax(dim=1)
+    # Full blocks multiply by the reciprocal of absmax (clamped away from 0 for all-zero blocks,
+    # whose stored absmax stays 0) ...
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)
+    if rem:
+        # ... quirk 2: the short last block divides instead, and stores its absmax clamped to 1e-38.
+        tail_absmax = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax[None]])
+        scaled = torch.cat([scaled, flat[full:] / tail_absmax])
+    # bitsandbytes clamps the scaled values to [-1, 1]; rounding can push |v| a hair past 1, but
+    # such values fall beyond the outermost midpoints either way, so the codes need no clamp.
+    q = codes_fast(scaled) if fast else codes_reference(scaled)
+    packed = pack_nibbles(q)
+    state = NF4State(shape=x.shape, dtype=x.dtype, blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        state.absmax_codes, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+        state.offset = offset
+    else:
+        state.absmax_f32 = absmax
+    return packed, state
+
+
+# byte -> (code of high nibble, code of low nibble): one table lookup decodes two values.
+_PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], dim=1)  # (256, 2)
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
+                   fast: bool = True) -> torch.Tensor:
+    """Undo quantize_nf4: NF4_CODE[q] · absmax in float32, then cast to the original dtype
+    (or `dtype`); returns the original shape."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"dequantize_nf4: packed codes must be uint8, got {packed.dtype}")
+    n = math.prod(state.shape)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"dequantize_nf4: {packed.numel()} packed bytes do not hold {n} values "
+                         f"(shape {tuple(state.shape)} needs {(n + 1) // 2})")
+    absmax = state.absmax.to(packed.device)
+    nblocks = absmax.numel()
+    if nblocks != -(-n // state.blocksize):
+        raise ValueError(f"dequantize_nf4: {nblocks} absmax values for {n} values in blocks of {state.blocksize}")
+    if fast:
+        vals = _PAIR_TABLE.to(packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)  # (2·bytes,)
+    else:
+        vals = NF4_CODE.to(packed.device)[unpack_nibbles(packed.reshape(-1), n).long()]
+    pad = nblocks * state.blocksize - vals.numel()
+    vals = F.pad(vals, (0, pad)) if pad > 0 else vals[:nblocks * state.blocksize]
+    out = (vals.view(nblocks, state.blocksize) * absmax[:, None]).reshape(-1)[:n]  # (blocks, blocksize) -> flat
+    return out.reshape(state.shape).to(dtype or state.dtype)
+
+
+def nf4_nbytes(packed: torch.Tensor, state: NF4State) -> int:
+    return packed.numel() * packed.element_size() + state.nbytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen 4-bit linear layer
+# ---------------------------------------------------------------------------------------------
+
+class _Linear4bitFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b with W dequantized in the forward and again in the backward, so the
+    full-precision weight is never held between the two: for QLoRA training only the 4-bit codes
+    stay in memory (bitsandbytes' MatMul4Bit does the same). W gets no gradient; x and b do."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, dtype):
+        ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
+        return F.linear(x, layer.dequantize_weight(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.layer.dequantize_weight(ctx.dtype)  # (..., out) @ (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_b, None, None
+
+
+class Linear4bit(nn.Module):
+    """y = x · dequant(W_nf4)ᵀ + b, the weight frozen in NF4 and dequantized in the compute dtype
+    (fp32, bf16 or fp16; default: the input's dtype) at every forward, as bitsandbytes'
+    Linear4bit does. The bias is kept in full precision."""
+
+    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, state: NF4State,
+                 bias: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight_shape, self.weight_dtype = tuple(state.shape), state.dtype
+        self.blocksize = state.blocksize
+        # Buffers only (frozen). The float32 scales are kept as their int32 bit patterns so that
+        # model.to(torch.bfloat16) / .half() cannot round them (casts skip integer buffers).
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_absmax_codes", None)
+        self.register_buffer("weight_nested_absmax", None)
+        self.register_buffer("weight_offset", None)
+        self.register_buffer("weight_absmax", None)
+        self._store(state)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False,
+                    compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        packed, state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
+
+    def _store(self, state: NF4State) -> None:
+        bits = lambda t: t.contiguous().view(torch.int32)  # noqa: E731  float32 -> its bit pattern
+        if state.double_quant:
+            self.weight_absmax_codes = state.absmax_codes
+            self.weight_nested_absmax, self.weight_offset = bits(state.nested_absmax), bits(state.offset)
+        else:
+            self.weight_absmax = bits(state.absmax_f32)
+
+    @property
+    def state(self) -> NF4State:
+        s = NF4State(shape=torch.Size(self.weight_shape), dtype=self.weight_dtype, blocksize=self.blocksize)
+        if self.double_quant:
+            s.absmax_codes = self.weight_absmax_codes
+            s.nested_absmax = self.weight_nested_absmax.view(torch.float32)
+            s.offset = self.weight_offset.view(torch.float32)
+        else:
+            s.absmax_f32 = self.weight_absmax.view(torch.float32)
+        return s
+
+    @property
+    def double_quant(self) -> bool:
+        return self.weight_absmax_codes is not None
+
+    def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(out, in): the stored dtype's dequantization (bit-exact with bitsandbytes), then `dtype`."""
+        w = dequantize_nf4(self.weight_packed, self.state)
+        return w if dtype is None else w.to(dtype)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Re-quantize a new full-precision weight into this layer (same block size and double quant)."""
+        packed, state = quantize_nf4(weight.detach().to(self.weight_dtype), self.blocksize, self.double_quant)
+        self.weight_packed = packed
+        self._store(state)
+
+    def weight_nbytes(self) -> int:
+        return nf4_nbytes(self.weight_packed, self.state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        b = self.bias.to(dtype) if self.bias is not None else None
+        xc = x.to(dtype)
+        if torch.is_grad_enabled() and (xc.requires_grad or (b is not None and b.requires_grad)):
+            return _Linear4bitFunction.apply(xc, b, self, dtype).to(x.dtype)  # re-dequantizes in backward
+        return F.linear(xc, self.dequantize_weight(dtype), b).to(x.dtype)  # W: (out, in)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    """A pattern matches a module name when it equals it, is its dotted suffix, or fully matches as a regex."""
+    for p in patterns:
+        if name == p or name.endswith("." + p):
+            return True
+        try:
+            if re.fullmatch(p, name):
+                return True
+        except re.error:
+            pass
+    return False
+
+
+def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksize: int = 64,
+                   double_quant: bool = False, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every nn.Linear (except names matched by `skip`) by a Linear4bit, in place.
+    The LM head is skipped by default, as transformers does (GPT-2 ties it to the embedding)."""
+    check_blocksize(blocksize)
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not _matches(name, skip)]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        q = Linear4bit.from_linear(lin, blocksize, double_quant, compute_dtype)
+        setattr(parent, child, q.train(lin.training))  # an eval-mode model stays in eval mode
+    return model
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes per parameter of the 4-bit layers' weights (packed codes + scales), and the model totals."""
+    q_params = q_bytes = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            q_params += m.in_features * m.out_features
+            q_bytes += m.weight_nbytes()
+    other = {id(p): p for p in model.parameters()}
+    other_bytes = sum(p.numel() * p.element_size() for p in other.values())
+    other_bytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" not in "." + n
+                       and not n.startswith("weight_"))
+    return {"nf4_params": q_params, "nf4_bytes": q_bytes,
+            "nf4_bytes_per_param": q_bytes / q_params if q_params else float("nan"),
+            "other_bytes": other_bytes, "total_bytes": q_bytes + other_bytes}
+
+
+def format_memory_report(model: nn.Module) -> str:
+    r = memory_report(model)
+    return (f"NF4 weights: {r['nf4_params']:,} params in {r['nf4_bytes']:,} bytes "
+            f"({r['nf4_bytes_per_param']:.4f} bytes/param); other tensors {r['other_bytes']:,} bytes; "
+            f"total {r['total_bytes'] / 2**20:.1f} MiB")
+
+
+def merge_warning() -> None:
+    warnings.warn("merging LoRA into a 4-bit layer re-quantizes the weight to NF4: the result is lossy "
+                  "(outputs differ from the unmerged model by the quantization error)", UserWarning, stacklevel=3)

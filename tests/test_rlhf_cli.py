@@ -1,0 +1,55 @@
+"""`minillm train-reward` and `minillm ppo` on a tiny checkpoint: files written, accuracy learned, and a reward
+model whose tokenizer differs from the policy's (text is re-encoded)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from minillm.cli import main
+from minillm.demos.rlhf_demo import DemoConfig, build_policy, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    words = ["good", "great", "bad", "awful", "the", "food", "was", "q", ":"]
+    tok = build_tokenizer([" ".join(words)])
+    torch.manual_seed(0)
+    m = build_policy(DemoConfig(n_embd=16, n_layer=1, n_head=2), tok)
+    m.save_pretrained(str(d / "gpt"))
+    tok.save_pretrained(d / "gpt")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(96):  # chosen reviews are positive, rejected negative: easy to learn
+        rows.append({"prompt": "q :", "chosen": f"the food was {rng.choice(['good', 'great'])}",
+                     "rejected": f"the food was {rng.choice(['bad', 'awful'])}", "score_chosen": 8, "score_rejected": 3})
+    (d / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": "q :"}) for _ in range(8)) + "\n")
+    return d
+
+
+def test_train_reward_then_ppo(ckpt, tmp_path):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+                     "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "3e-3", "--batch-size", "16",
+                     "--eval-frac", "0.25", "--device", "cpu"]) == 0
+        recs = [json.loads(l) for l in open(tmp_path / "rm" / "metrics.jsonl") if '"epoch"' in l]
+        assert recs[-1]["eval_acc"] >= 0.9  # 24 held-out pairs of an easy preference
+        for f in ("score.safetensors", "reward_config.json", "model.safetensors", "tokenizer.json"):
+            assert (tmp_path / "rm" / f).is_file()
+        # PPO with the tiny-gpt2 BPE policy: a different tokenizer than the reward model's word-level one
+        assert main(["ppo", "--policy", "tiny-gpt2", "--reward-model", str(tmp_path / "rm"),
+                     "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
+                     "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
+                     "--device", "cpu"]) == 0
+        lines = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl")]
+        assert any("re-encoded" in l["msg"] for l in lines)  # the tokenizers differ, and the job says so
+        steps = [l for l in lines if "step" in l]
+        assert [l["step"] for l in steps] == [1, 2] and abs(steps[0]["kl"]) < 1e-4
+        assert (tmp_path / "pol" / "value_head.safetensors").is_file()
+    finally:
+        torch.set_num_threads(n)
