@@ -23,16 +23,18 @@ def test_lr_schedule():
 
 
 def test_quick_demo_learns(tmp_path):
-    """~30 s on 1 CPU thread: a small model on 500 scenes must beat the majority baseline clearly."""
-    cfg = VQADemoConfig(n_images=500, epochs=6, hidden=32, layers=1, batch_size=32, lr=3e-3, warmup_steps=20,
+    """~30 s of CPU on 1 thread: 1,000 scenes (fresh ones each epoch), 6 epochs must beat the majority baseline clearly."""
+    cfg = VQADemoConfig(n_images=1000, epochs=6,
                         fusions=("tokens",), threads=1)
     logs = []
     r = run_vqa_demo(cfg, out_dir=str(tmp_path), plot=False, log=logs.append)
     res, base = r["tokens"], r["baseline"]
-    assert r["n_train"] == 400 * 5 and r["n_test"] == 100 * 5
+    assert r["n_train"] == 800 * 5 and r["n_test"] == 200 * 5
     assert res["losses"][-1] < 0.6 * res["losses"][0]
     assert res["accuracy"]["count"] >= base["count"] + 0.3, format_report(r, cfg.fusions)
-    assert res["accuracy"]["overall"] >= 1.5 * base["overall"], format_report(r, cfg.fusions)
+    # measured: count 100% (majority 27%), colour 49% (25%), overall 49.8% (30.8%)
+    assert res["accuracy"]["colour"] >= base["colour"] + 0.15, format_report(r, cfg.fusions)
+    assert res["accuracy"]["overall"] >= 1.4 * base["overall"], format_report(r, cfg.fusions)
     q, truth, pred, prob = res["examples"][0]
     assert 0.0 < prob <= 1.0 and isinstance(pred, str)
     assert any("held-out exact-match accuracy" in line for line in logs)
