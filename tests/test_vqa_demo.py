@@ -58,3 +58,17 @@ def test_full_demo_reaches_the_bar(tmp_path):
         assert acc["overall"] >= 2 * r["baseline"]["overall"], report
         if plot:
             assert (tmp_path / f"vqa_examples_{fusion}.png").stat().st_size > 10_000
+
+
+def test_cli_runs_and_reports_the_baseline(capsys, tmp_path):
+    from minillm.cli import main
+    from minillm.demos import shapes
+    threads = torch.get_num_threads()
+    assert main(["vqa-demo", "--images", "20", "--epochs", "1", "--fusion", "mean", "--no-plot", "--threads", "1",
+                 "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    train, test = shapes.make_shapes_dataset(20, seed=0)
+    base = shapes.majority_baseline(train, test)
+    row = [line for line in out.splitlines() if line.strip().startswith("overall")][0]
+    assert f"{base['overall']:.1%}" in row and "fusion=mean" in out
+    assert torch.get_num_threads() == threads  # --threads is restored after the run
