@@ -121,6 +121,11 @@ def add_ppo(sub) -> None:
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "abs", "mse", "k3", "full"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (0: full fine-tune); the "
+                                                         "reference is then the base with adapters disabled")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="c_attn,c_proj,c_fc", help="comma-separated module names")
+    p.add_argument("--nf4", action="store_true", help="QLoRA: store the frozen base linears in NF4 (needs --lora-r)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_ppo)
@@ -136,7 +141,8 @@ def cmd_ppo(args) -> int:
                     target_kl=args.target_kl, horizon=args.horizon, kl_estimator=args.kl_estimator,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     ppo_job(args.policy, args.reward_model, args.prompts, args.out, steps=args.steps, config=cfg, seed=args.seed,
-            device=str(pick_device(args.device)))
+            device=str(pick_device(args.device)), lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), nf4=args.nf4)
     return 0
 
 
@@ -257,7 +263,7 @@ def cmd_sft(args) -> int:
     from minillm.models.gpt2 import GPT2LMHeadModel
     from minillm.tokenizer import Tokenizer
     from minillm.train.data import CausalLMCollator, add_chat_tokens, encode_sft, read_records
-    from minillm.train.loop import causal_lm_loss, evaluate, setup_distributed, train
+    from minillm.train.loop import causal_lm_loss, evaluate, setup_distributed, teardown_distributed, train
 
     if args.quantize and not args.lora_r:
         raise SystemExit("--quantize nf4 freezes the base weights: it needs --lora-r (QLoRA)")
@@ -307,6 +313,7 @@ def cmd_sft(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved {out} (load with GPT2LMHeadModel.from_pretrained); final loss "
               f"{summary['final_loss']:.4f}" if result.losses else f"saved {out}")
+    teardown_distributed()
     return 0
 
 
@@ -336,7 +343,7 @@ def cmd_classify(args) -> int:
     from minillm import hub
     from minillm.tokenizer import Tokenizer
     from minillm.train.data import ClassificationCollator, encode_classification, label_set, read_records
-    from minillm.train.loop import setup_distributed, to_device, train
+    from minillm.train.loop import setup_distributed, teardown_distributed, to_device, train
     from minillm.train.metrics import multilabel_metrics
 
     try:
@@ -394,6 +401,10 @@ def cmd_classify(args) -> int:
         Path(out, "train_summary.json").write_text(json.dumps(
             {"labels": names, "steps": result.step, "final_loss": result.losses[-1], "eval": final}, indent=2) + "\n")
         print(" | ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or f"saved {out}")
+    teardown_distributed()
+    return 0
+
+
 def add_vqa_demo(sub) -> None:
     p = sub.add_parser("vqa-demo", help="train a tiny ViT + DistilBERT + GPT-2 VQA model on synthetic shapes (CPU, minutes)")
     p.add_argument("--images", type=int, default=None, help="synthetic scenes (5 questions each, 20%% held out)")

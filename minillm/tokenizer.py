@@ -149,13 +149,27 @@ class Tokenizer:
         """Encode a batch -> {"input_ids": (B, T), "attention_mask": (B, T)} padded to the longest row."""
         if isinstance(texts, str):
             texts = [texts]
-        ids = [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         if truncation:
             limit = max_length or self.model_max_length
             if limit is None:
                 raise ValueError("truncation=True needs max_length (or a model_max_length in tokenizer_config.json)")
-            ids = [r[:limit] for r in ids]
+            ids = self.encode_truncated(texts, limit, add_special_tokens)
+        else:
+            ids = [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         return self.pad(ids, padding_side=padding_side) if padding else {"input_ids": ids}
+
+    def encode_truncated(self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> list[list[int]]:
+        """Ids cut to max_length *including* the special tokens: the text is shortened, [CLS]/[SEP] stay
+        (as transformers truncates)."""
+        post = self.tok.post_processor
+        n_special = post.num_special_tokens_to_add(False) if (post is not None and add_special_tokens) else 0
+        if max_length <= n_special:
+            raise ValueError(f"max_length={max_length} leaves no room for text beside {n_special} special tokens")
+        rows = []
+        for e in self.tok.encode_batch(list(texts), add_special_tokens=False):
+            e.truncate(max_length - n_special)
+            rows.append(self.tok.post_process(e).ids if n_special else e.ids)
+        return rows
 
     def pad(self, rows: Sequence[Sequence[int]], padding_side: Optional[str] = None,
             pad_id: Optional[int] = None) -> dict[str, torch.Tensor]:

@@ -48,3 +48,10 @@ def test_weights_match_transformers_output_attentions(name, cls):
     with torch.no_grad():
         r = ref(**tok("I like cats", return_tensors="pt"), output_attentions=True).attentions[1][0, 1]
     torch.testing.assert_close(w, r, atol=1e-5, rtol=0)  # probabilities, fp32
+
+
+def test_png_heatmap_with_plots_extra(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the plots extra (matplotlib) is not installed")
+    out = tmp_path / "att.png"
+    assert main(["attention", "--model", str(ROOT / "weights" / "tiny-bert"), "--png", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -160,6 +160,8 @@ def test_bad_ids_and_token_types_are_clear_errors():
         m(torch.tensor([[1, V]]))
     with pytest.raises(ValueError, match=r"token_type_ids: value 2 outside \[0, 2\)"):
         m(torch.tensor([[1, 2]]), token_type_ids=torch.tensor([[0, 2]]))
+    with pytest.raises(ValueError, match=r"token_type_ids: value -1 outside"):
+        m(torch.tensor([[1, 2]]), token_type_ids=torch.tensor([[0, -1]]))
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         m(torch.ones(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask has shape"):

@@ -17,6 +17,17 @@ from minillm.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from minillm.train.data import IGNORE, CausalLMCollator
 from minillm.train.loop import TrainConfig, causal_lm_loss, make_optimizer, train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine thread contention makes them
+    ~5x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 collate = CausalLMCollator(pad_id=0)
 
@@ -133,6 +144,8 @@ CHILD = r"""
 import sys, time, os
 from pathlib import Path
 sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)  # the same thread count as the parent's runs: identical float reductions
 import minillm.train.checkpoint as ck
 import test_checkpoint as T
 marker, phase = Path({marker!r}), {phase!r}

@@ -2,7 +2,6 @@
 per-definition transcription of trl v0.11 (tests/golden/rlhf.safetensors) and properties; plus the loop."""
 
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -294,3 +293,12 @@ def test_lora_policy_reference_is_the_base_with_adapters_off(one_thread):
     ro = tr.rollout(*_prompts(8))
     kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(-1).mean()
     assert kl > 0.01
+
+
+def test_full_kl_estimator_in_the_loop(one_thread):
+    tr = _trainer(lambda p, r: torch.tensor([float(len(x)) for x in r]) / 10, kl_estimator="full")
+    ids, m = _prompts(16)
+    st = tr.step(ids, m)
+    assert abs(st["kl"]) < 1e-5 and abs(st["kl_penalty"]) < 1e-5  # policy = reference at step 1 (fp32)
+    st = tr.step(ids, m)
+    assert st["kl_penalty"] < 0  # after an update the exact KL is > 0, so the penalty is negative

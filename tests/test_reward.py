@@ -1,6 +1,5 @@
 """Reward model: the book's numbers, trl-formula goldens, rankings -> pairs, pooling, bad input."""
 
-import math
 from pathlib import Path
 
 import pytest
@@ -119,3 +118,14 @@ def test_reward_model_first_pool_and_save_load(tmp_path):
     rm.save_pretrained(tmp_path / "rm")
     back = RewardModel.from_pretrained(tmp_path / "rm").eval()
     assert back.pool == "first" and torch.equal(back(ids), r)
+
+
+def test_score_texts_rejects_empty_responses():
+    from minillm.rlhf.reward import RewardScorer
+    from minillm.demos.rlhf_demo import build_tokenizer
+    tok = build_tokenizer(["a b c"])
+    rm = RewardModel(_tiny_gpt2(), 16)
+    with pytest.raises(ValueError, match=r"response\(s\) \[1\] are empty"):
+        RewardScorer(rm, tok)(["a", "a"], ["b", "  "])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        RewardScorer(rm, tok)(["a", "a"], ["b"])

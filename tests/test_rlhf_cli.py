@@ -53,3 +53,25 @@ def test_train_reward_then_ppo(ckpt, tmp_path):
         assert (tmp_path / "pol" / "value_head.safetensors").is_file()
     finally:
         torch.set_num_threads(n)
+
+
+def test_ppo_qlora_policy(ckpt, tmp_path):
+    """--lora-r with --nf4: adapters only, NF4 base, reference = adapters off (KL 0 at step 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+              "--out", str(tmp_path / "rm"), "--epochs", "1", "--device", "cpu"])
+        assert main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
+                     "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
+                     "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
+                     "--lora-r", "4", "--nf4", "--lr", "1e-2", "--device", "cpu"]) == 0
+        steps = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl") if '"step"' in l]
+        assert abs(steps[0]["kl"]) < 1e-4  # adapters start at B = 0: policy = reference
+        assert (tmp_path / "pol" / "adapter_model.safetensors").is_file()
+        assert not (tmp_path / "pol" / "model.safetensors").exists()
+        with pytest.raises(ValueError, match="needs LoRA"):
+            main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
+                  "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "p2"), "--nf4"])
+    finally:
+        torch.set_num_threads(n)

@@ -47,6 +47,13 @@ def test_truncation(tok):
     assert enc["input_ids"].shape == (1, 3)
 
 
+def test_truncation_keeps_cls_and_sep():
+    bert = Tokenizer.from_pretrained(str(ROOT / "weights" / "tiny-bert"))
+    full = bert.encode("the movie was wonderful and the acting was superb")
+    cut = bert(["the movie was wonderful and the acting was superb"], truncation=True, max_length=5)["input_ids"][0]
+    assert cut.tolist() == full[:4] + full[-1:]  # [CLS] + 3 text tokens + [SEP]
+
+
 def test_added_special_tokens_are_never_split(tok):
     n_before = len(tok)
     assert tok.add_special_tokens(["###HUMAN###", "###BOT###", "###STOP###"]) == 3

@@ -204,3 +204,12 @@ def test_real_config_names_and_shapes_equal_hub_layout(pooler, tmp_path):
     with torch.device("meta"):
         ours = ViTModel(ViTConfig(), add_pooling_layer=pooler)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == saved
+
+
+def test_float_chw_input_is_taken_as_0_to_1():
+    g = golden("preprocess")
+    proc = ImageProcessor.from_pretrained(ROOT / "weights" / "tiny-vit")
+    proc.size = {"height": 45, "width": 61}  # no resize: only the scale question
+    a = proc(g["image"])["pixel_values"]
+    b = proc(g["image"].permute(2, 0, 1).float() / 255)["pixel_values"]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -407,12 +407,14 @@ def checks(s: dict, cfg: DemoConfig) -> dict:
     """The issue's must-reach targets, measured."""
     c = {"rm_heldout_acc>=0.80": s["reward_model"]["heldout_acc"] >= 0.80,
          "proxy_up": s["ppo"]["proxy"]["mean"] > s["sft"]["proxy"]["mean"],
-         "true_up": s["ppo"]["true"]["mean"] > s["sft"]["true"]["mean"],
          "n_heldout>=64": s["ppo"]["n_prompts"] >= 64}
+    true_up = s["ppo"]["true"]["mean"] > s["sft"]["true"]["mean"]
+    if cfg.kl_coef > 0:
+        c["true_up"] = true_up
     if cfg.kl_coef > 0 and cfg.adaptive_kl:
         c["kl<=2*target"] = s["ppo"]["kl"]["mean"] <= 2 * cfg.target_kl
     if cfg.kl_coef == 0:  # no penalty: the point is reward hacking, proxy up while the truth or diversity falls
-        c["reward_hacking_shown"] = c["proxy_up"] and (not c["true_up"] or
+        c["reward_hacking_shown"] = c["proxy_up"] and (not true_up or
                                                        s["ppo"]["distinct2"] < s["sft"]["distinct2"])
     return c
 

@@ -203,9 +203,10 @@ class BertModel(nn.Module):
         else:
             if tuple(token_type_ids.shape) != (B, T):
                 raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {(B, T)}")
-            if token_type_ids.numel() and (token_type_ids.min() < 0 or token_type_ids.max() >= cfg.type_vocab_size):
-                raise ValueError(f"token_type_ids: value {int(token_type_ids.max())} outside [0, {cfg.type_vocab_size}) "
-                                 f"(type_vocab_size={cfg.type_vocab_size})")
+            lo, hi = (int(token_type_ids.min()), int(token_type_ids.max())) if token_type_ids.numel() else (0, 0)
+            if lo < 0 or hi >= cfg.type_vocab_size:
+                raise ValueError(f"token_type_ids: value {hi if hi >= cfg.type_vocab_size else lo} outside "
+                                 f"[0, {cfg.type_vocab_size}) (type_vocab_size={cfg.type_vocab_size})")
         if position_ids is None:
             position_ids = torch.arange(T, device=dev)[None]  # (1, T): BERT counts positions from 0, pads included
         mask = key_mask(attention_mask, B, T, dev)  # bool (B, 1, 1, T) or None
@@ -259,23 +260,11 @@ def sentence_embeddings(model: nn.Module, tokenizer, sentences: Sequence[str], n
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(sentences), batch_size):
-        enc = tokenizer.pad(encode_truncated(tokenizer, sentences[i:i + batch_size], max_length), padding_side="right")
+        enc = tokenizer.pad(tokenizer.encode_truncated(sentences[i:i + batch_size], max_length), padding_side="right")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         emb = mean_pooling(model(ids, attention_mask=mask).float(), mask)
         out.append(F.normalize(emb, p=2, dim=-1) if normalize else emb)
     return torch.cat(out).cpu()
-
-
-def encode_truncated(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids with the text cut to fit max_length *including* [CLS]/[SEP] (as transformers truncates:
-    the text is shortened, the special tokens stay)."""
-    hf = tokenizer.tok  # the tokenizers.Tokenizer inside minillm's wrapper
-    n_special = hf.post_processor.num_special_tokens_to_add(False) if hf.post_processor is not None else 0
-    rows = []
-    for e in hf.encode_batch(list(texts), add_special_tokens=False):
-        e.truncate(max_length - n_special)
-        rows.append(hf.post_process(e).ids)
-    return rows
 
 
 class BertForSequenceClassification(nn.Module):
@@ -315,10 +304,11 @@ class BertForSequenceClassification(nn.Module):
         model = cls(cfg)
         state = hub.load_safetensors(d)
         heads = [r"^cls\."]  # a pre-training checkpoint's MLM/NSP heads
-        has_head = "classifier.weight" in state
+        new = [] if "classifier.weight" in state else [r"^classifier\."]  # a base checkpoint: a new head
+        if not any(k.endswith("pooler.dense.weight") for k in state):
+            new.append(r"^bert\.pooler\.")  # no pooler saved: it starts random too, as in transformers
         hub.load_state_dict_strict(model, state, source=str(d), prefix="bert.",
-                                   ignore_unexpected=heads + [r"position_ids$"],
-                                   optional=[] if has_head else [r"^classifier\."])
+                                   ignore_unexpected=heads + [r"position_ids$"], optional=new)
         model.source_dir = d
         return model.to(device=device, dtype=dtype)
 

@@ -128,7 +128,7 @@ class ImageProcessor:
             x, was_uint8 = self.to_chw(img)
             if self.do_resize:
                 x = self.resize(x, was_uint8)
-            if self.do_rescale:
+            if self.do_rescale and was_uint8:  # float input is taken as already on the 0..1 scale
                 x = x * self.rescale_factor
             if self.do_normalize:
                 mean = torch.tensor(self.image_mean, dtype=x.dtype)[:, None, None]

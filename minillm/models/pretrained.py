@@ -80,6 +80,9 @@ def init_weights(module: torch.nn.Module, std: float) -> None:
             torch.nn.init.normal_(m.weight, mean=0.0, std=std)
             if getattr(m, "bias", None) is not None:
                 torch.nn.init.zeros_(m.bias)
+            if getattr(m, "padding_idx", None) is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()  # the pad token's embedding starts at zero
         elif isinstance(m, torch.nn.LayerNorm):
             torch.nn.init.ones_(m.weight)
             torch.nn.init.zeros_(m.bias)

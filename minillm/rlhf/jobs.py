@@ -80,13 +80,24 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
 
 
 def ppo_job(policy: str, reward_model: str, prompts: str, out: str, steps: int = 20, config: Optional[PPOConfig] = None,
-            seed: int = 0, device: Optional[str] = None) -> list[dict]:
+            seed: int = 0, device: Optional[str] = None, lora_r: int = 0, lora_alpha: float = 16.0,
+            lora_targets: tuple = ("c_attn", "c_proj", "c_fc"), nf4: bool = False) -> list[dict]:
+    """lora_r > 0: train LoRA adapters only, and the reference is the same model with its adapters disabled
+    (one copy of the base weights). nf4: store the base linears in NF4 first (QLoRA; needs lora_r)."""
     from minillm.models.gpt2 import GPT2LMHeadModel
     cfg = config or PPOConfig()
+    if nf4 and not lora_r:
+        raise ValueError("--nf4 quantizes the frozen base weights; it needs LoRA adapters to train (--lora-r > 0)")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     texts = load_prompts(prompts)
     lm = GPT2LMHeadModel.from_pretrained(policy, device=device)
+    if nf4:
+        from minillm.nf4 import quantize_model
+        quantize_model(lm)
+    if lora_r:
+        from minillm.lora import apply_lora
+        apply_lora(lm, list(lora_targets), r=lora_r, alpha=lora_alpha)
     tok = load_tokenizer(policy)
     rm = RewardModel.from_pretrained(reward_model, device=device).eval().requires_grad_(False)
     rm_dir = hub.resolve(reward_model)
@@ -120,7 +131,11 @@ def ppo_job(policy: str, reward_model: str, prompts: str, out: str, steps: int =
         log("ppo", f"step {step + 1}/{steps}  score {st['score']:+.3f}  kl {st['kl']:.3f}  beta {st['kl_coef']:.4f}  "
                    f"ent {st['entropy']:.2f}  clip {st['clipfrac']:.3f}  len {st['response_length']:.1f}",
             step=step + 1, **st)
-    lm.save_pretrained(out)
+    if lora_r:
+        from minillm.lora import save_adapter
+        save_adapter(lm, out)  # peft's adapter files; the base stays where it was
+    else:
+        lm.save_pretrained(out)
     tok.save_pretrained(out)
     hub.save_safetensors({"v_head.summary.weight": policy_model.v_head.summary.weight,
                           "v_head.summary.bias": policy_model.v_head.summary.bias}, Path(out) / "value_head.safetensors")

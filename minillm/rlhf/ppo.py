@@ -28,15 +28,15 @@ import contextlib
 import copy
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.rlhf.gae import compute_gae, masked_mean, masked_var, whiten  # noqa: F401  (compute_gae re-exported)
-from minillm.rlhf.kl import AdaptiveKLController, FixedKLController, compute_rewards, last_index
+from minillm.rlhf.kl import AdaptiveKLController, FixedKLController, compute_rewards
 
 # ---------------------------------------------------------------------------------------------
 # the pieces of the loss

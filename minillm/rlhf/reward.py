@@ -24,7 +24,6 @@ herding?" (2023) (reward centering, as in trl's `center_rewards_coefficient`); t
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -249,49 +248,73 @@ class RewardScorer:
         return (self.raw(prompts, responses) - self.mean) / self.std
 
 
+def reward_collate(tokenizer, max_length: Optional[int] = None) -> Callable[[list[dict]], dict]:
+    """pairs -> {chosen_ids, chosen_mask, rejected_ids, rejected_mask, margin}, right-padded, for the training loop."""
+    from minillm.rlhf.preference_data import join_text
+
+    def collate(pairs: list[dict]) -> dict:
+        out = {}
+        for key in ("chosen", "rejected"):
+            enc = tokenizer([join_text(d["prompt"], d[key]) for d in pairs], padding_side="right",
+                            truncation=max_length is not None, max_length=max_length)
+            out[f"{key}_ids"], out[f"{key}_mask"] = enc["input_ids"], enc["attention_mask"]
+        out["margin"] = torch.tensor([float(d.get("margin", 0.0)) for d in pairs])
+        return out
+    return collate
+
+
+def reward_loss_fn(use_margin: bool = True, center_coef: float = 0.0) -> Callable:
+    """The training loop's loss_fn: (model, batch) -> (sum over the pairs of the margin loss, number of pairs)."""
+    def loss_fn(model, b: dict):
+        rc = model(b["chosen_ids"], b["chosen_mask"])
+        rr = model(b["rejected_ids"], b["rejected_mask"])
+        n = rc.shape[0]
+        return pairwise_margin_loss(rc, rr, b["margin"] if use_margin else None, center_coef=center_coef) * n, n
+    return loss_fn
+
+
 def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_pairs: Optional[list[dict]] = None,
                        epochs: int = 1, batch_size: int = 32, lr: float = 1e-5, center_coef: float = 0.0,
                        use_margin: bool = True, seed: int = 0, grad_clip: float = 1.0,
-                       log: Optional[Callable[[dict], None]] = None, max_length: Optional[int] = None) -> dict:
-    """AdamW (linear decay) on the pairwise margin loss. Pairs: {"prompt", "chosen", "rejected", "margin"}.
-    Logs {epoch, loss, train_acc, eval_acc} after each epoch; returns the last of them."""
+                       log: Optional[Callable[[dict], None]] = None, max_length: Optional[int] = None,
+                       device: Optional[str] = None, out_dir: Optional[str] = None) -> dict:
+    """Train with minillm's training loop (train/loop.py: AdamW, linear decay, no weight decay here, gradient
+    clipping) on the pairwise margin loss. Pairs: {"prompt", "chosen", "rejected", "margin"}.
+    After each epoch logs {epoch, loss, train_acc (first 1000 training pairs), eval_acc}; returns the last."""
+    from minillm.train.loop import TrainConfig, train
     if not train_pairs:
         raise ValueError("train_reward_model: no training pairs")
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    n_steps = epochs * math.ceil(len(train_pairs) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
-    rng = random.Random(seed)
+    steps_per_epoch = math.ceil(len(train_pairs) / batch_size)
+    if device is None:
+        device = str(_device(rm))
 
-    def rewards(pairs, key):
-        return score_texts(rm, tokenizer, [d["prompt"] for d in pairs], [d[key] for d in pairs], batch_size, max_length)
+    def accuracy(model, pairs):
+        return pairwise_accuracy(score_texts(model, tokenizer, [d["prompt"] for d in pairs],
+                                             [d["chosen"] for d in pairs], batch_size, max_length),
+                                 score_texts(model, tokenizer, [d["prompt"] for d in pairs],
+                                             [d["rejected"] for d in pairs], batch_size, max_length))
 
-    def accuracy(pairs):
-        rm.eval()
-        with torch.no_grad():
-            return pairwise_accuracy(rewards(pairs, "chosen"), rewards(pairs, "rejected"))
+    recs: list[dict] = []
+    seen: list[float] = []  # per-batch mean losses since the last evaluation
+    base_loss = reward_loss_fn(use_margin, center_coef)
 
-    rec: dict = {}
-    for epoch in range(epochs):
-        order = list(range(len(train_pairs)))
-        rng.shuffle(order)
-        rm.train()
-        losses = []
-        for s in range(0, len(order), batch_size):
-            b = [train_pairs[i] for i in order[s:s + batch_size]]
-            rc, rr = rewards(b, "chosen"), rewards(b, "rejected")
-            margin = torch.tensor([d.get("margin", 0.0) for d in b], device=rc.device) if use_margin else None
-            loss = pairwise_margin_loss(rc, rr, margin, center_coef=center_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        rec = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
-               "train_acc": accuracy(train_pairs[:1000]),
-               "eval_acc": accuracy(eval_pairs) if eval_pairs else None}
+    def loss_fn(model, b):
+        loss, n = base_loss(model, b)
+        seen.append(loss.item() / n)
+        return loss, n
+
+    def eval_fn(model) -> dict:
+        rec = {"epoch": len(recs) + 1, "loss": sum(seen) / max(1, len(seen)),
+               "train_acc": accuracy(model, train_pairs[:1000]),
+               "eval_acc": accuracy(model, eval_pairs) if eval_pairs else None}
+        seen.clear()
+        recs.append(rec)
         if log:
             log(rec)
+        return {k: v for k, v in rec.items() if isinstance(v, float)}
+
+    cfg = TrainConfig(lr=lr, weight_decay=0.0, epochs=epochs, batch_size=batch_size, max_grad_norm=grad_clip or None,
+                      eval_every=steps_per_epoch, seed=seed, device=device, quiet=True, out_dir=out_dir)
+    train(rm, train_pairs, reward_collate(tokenizer, max_length), loss_fn, cfg, eval_fn=eval_fn)
     rm.eval()
-    return rec
+    return recs[-1]

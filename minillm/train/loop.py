@@ -163,6 +163,13 @@ def setup_distributed() -> tuple[int, int]:
     return dist_info()
 
 
+def teardown_distributed() -> None:
+    """Leave the process group (end of a torchrun job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: weight decay on matrices (ndim >= 2), none on biases and norm weights."""
     decay, no_decay = [], []
