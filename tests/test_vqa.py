@@ -374,3 +374,43 @@ def test_hub_gpt2_gains_cross_attention_live(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids, encoder_hidden_states=enc),
                                    ref(ids, encoder_hidden_states=enc).logits, rtol=0, atol=1e-4)  # fp32
+
+
+# ---- the book's construction from hub checkpoints: DistilBERT + ViT (DINO) + GPT-2 gaining cross-attention ----
+def book_model(fusion="mean"):
+    from minillm.models.distilbert import DistilBertModel
+    from minillm.models.vit import ViTModel
+    torch.manual_seed(0)
+    return MultiModalModel(DistilBertModel.from_pretrained(str(ROOT / "weights" / "tiny-distilbert")),
+                           ViTModel.from_pretrained(str(ROOT / "weights" / "tiny-dino")),
+                           GPT2LMHeadModel.from_pretrained(str(ROOT / "weights" / "tiny-gpt2"), add_cross_attention=True),
+                           fusion=fusion)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "tokens"])
+def test_hub_checkpoints_fit_together(fusion):
+    m = book_model(fusion).eval()
+    S = m.image_encoder.config.image_size
+    P = (S // m.image_encoder.config.patch_size) ** 2
+    ids = torch.tensor([[2, 40, 41, 42, 3], [2, 50, 3, 0, 0]])
+    mask = (ids != 0).long()
+    pix = torch.randn(2, 3, S, S)
+    dec = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    enc, enc_mask = m.encode(ids, mask, pix)
+    assert enc.shape == ((2, 1, 64) if fusion == "mean" else (2, 5 + 1 + P, 64))  # tiny-gpt2 is 64 wide
+    assert m(ids, mask, pix, dec).shape == (2, 3, m.decoder.config.vocab_size)
+    m.freeze("all")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in m.named_parameters()
+                         if ".crossattention." in n or n.startswith(("text_projection", "image_projection"))}
+    m.train()
+    lm_loss(m(ids, mask, pix, dec), make_labels(dec, torch.ones_like(dec))).backward()
+    for n, p in m.named_parameters():
+        if n not in trainable:
+            assert p.grad is None, n
+        elif fusion == "mean" and ".q_attn." in n:
+            # one encoder token: every attention weight is 1 whatever the query, so the query projection
+            # gets no gradient; cross-attention is then the linear map c_proj(W_v e) (see the module docstring)
+            assert float(p.grad.abs().max()) == 0.0, n
+        else:
+            assert float(p.grad.abs().sum()) > 0, n

@@ -1,6 +1,6 @@
 """A synthetic VQA set: coloured shapes on a 2×2 grid, drawn with numpy, with template questions.
 
-Each scene puts 1–4 objects into distinct cells of a 2×2 grid (jittered position and size);
+Each scene puts 1–4 objects into distinct cells of a 2×2 grid (position jittered by a pixel, size by ±15%);
 within a scene every object has its own colour and its own shape, so each question has
 exactly one answer. Every scene gets one question of each type:
 
@@ -61,8 +61,9 @@ def render_scene(objects: list[dict], size: int = 32, rng: Optional[np.random.Ge
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
-def random_scene(rng: np.random.Generator, size: int = 32, max_objects: int = 4) -> list[dict]:
-    """1..max_objects objects, distinct cells, distinct colours, distinct shapes, jittered."""
+def random_scene(rng: np.random.Generator, size: int = 32, max_objects: int = 4, jitter: float = 1.0) -> list[dict]:
+    """1..max_objects objects, distinct cells, distinct colours, distinct shapes; each centre jittered by up to
+    `jitter` pixels (at most what keeps the shape inside its cell), the size by ±15%."""
     n = int(rng.integers(1, max_objects + 1))
     cells = rng.permutation(len(CELLS))[:n]
     colours = rng.permutation(len(COLOURS))[:n]
@@ -72,9 +73,9 @@ def random_scene(rng: np.random.Generator, size: int = 32, max_objects: int = 4)
     for c, col, sh in zip(cells, colours, shapes):
         row, column = divmod(int(c), 2)
         r = float(rng.uniform(0.28, 0.38) * half)
-        jitter = half / 2 - r - 0.5  # keep the shape inside its cell
-        cy = row * half + half / 2 + float(rng.uniform(-jitter, jitter))
-        cx = column * half + half / 2 + float(rng.uniform(-jitter, jitter))
+        j = min(jitter, half / 2 - r - 0.5)  # keep the shape inside its cell
+        cy = row * half + half / 2 + float(rng.uniform(-j, j))
+        cx = column * half + half / 2 + float(rng.uniform(-j, j))
         objects.append({"shape": SHAPES[sh], "colour": list(COLOURS)[col], "cell": CELLS[c], "cy": cy, "cx": cx, "r": r})
     return objects
 
@@ -102,7 +103,7 @@ def questions_for(objects: list[dict], rng: np.random.Generator) -> list[tuple[s
 
 
 def make_shapes_dataset(n_images: int = 2000, size: int = 32, seed: int = 0, noise: float = 8.0,
-                        test_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:
+                        test_fraction: float = 0.2, jitter: float = 1.0) -> tuple[list[dict], list[dict]]:
     """-> (train, test) lists of records like the VQA v2 loader's: image_id, question_id, question,
     answer (the plain answer text), question_type, image (uint8 (size, size, 3)).
     The last `test_fraction` of the scenes (by image) are held out."""
@@ -111,7 +112,7 @@ def make_shapes_dataset(n_images: int = 2000, size: int = 32, seed: int = 0, noi
     rng = np.random.default_rng(seed)
     records = []
     for image_id in range(n_images):
-        objects = random_scene(rng, size)
+        objects = random_scene(rng, size, jitter=jitter)
         image = render_scene(objects, size, rng, noise)
         for qtype, question, answer in questions_for(objects, rng):
             records.append({"image_id": image_id, "question_id": len(records), "question": question,

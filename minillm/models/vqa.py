@@ -11,6 +11,9 @@ randomly initialized: hub GPT-2 has none) while it writes the answer:
     e = (t + v) / 2                                 encoder_hidden_states = e[:, None, :]  (B, 1, C)
     p(a_k | a_<k, q, x) = GPT2(a_<k, cross-attending to e)
 
+With one encoder token every cross-attention weight is 1, whatever the query: cross-attention
+reduces to a learned linear map of e added to each decoder position (its query projection gets
+no gradient), and all question-image interplay must happen in the decoder's MLPs.
 fusion="tokens" instead passes every projected token, [W_t·TextEnc(q)_1..T ; W_v·ImageEnc(x)_1..P],
 as the encoder sequence (B, T+P, C), with the question's padding masked out.
 
@@ -141,9 +144,12 @@ def make_labels(decoder_input_ids: torch.Tensor, decoder_attention_mask: torch.T
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts labels[t+1]; -100 ignored. Mean over counted tokens."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    """Next-token cross-entropy: position t predicts labels[t+1]; -100 ignored. Mean over counted tokens
+    (train.loop.lm_loss_sum divided by its count)."""
+    from minillm.train.loop import lm_loss_sum
+
+    total, n = lm_loss_sum(logits, labels)
+    return total / n.clamp(min=1)
 
 
 # ---- preprocessing ----
