@@ -85,16 +85,16 @@ def write_md(rows, device, area, path: Path) -> None:
         except Exception:
             pass
     lines = [f"### {area} — {device.upper()}: {machine(device)}; {', '.join(versions)}", "",
-             "| benchmark | minillm | reference | unit | ratio (minillm/ref) | better | target | met |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| benchmark | minillm | reference | unit | ratio (minillm/ref) | better | target | met | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         met = ""
         if r["target"] is not None:
             ok = r["ratio"] <= r["target"] if r["better"] == "lower" else r["ratio"] >= r["target"]
             met = "yes" if ok else "**no**"
         lines.append(f"| {r['name']} | {r['minillm']:.4g} | {r['reference']:.4g} | {r['unit']} | {r['ratio']:.3f} | "
-                     f"{r['better']} | {r['target'] if r['target'] is not None else ''} | {met} |"
-                     + (f" {r['note']}" if r["note"] else ""))
+                     f"{r['better']} | {r['target'] if r['target'] is not None else ''} | {met} | "
+                     + r["note"].replace("|", "\\|") + " |")
     section = "\n".join(lines) + "\n"
     marker_start, marker_end = f"<!-- bench:{device}:{area} -->", f"<!-- /bench:{device}:{area} -->"
     text = path.read_text() if path.exists() else (
