@@ -223,37 +223,6 @@ def add_sft(sub) -> None:
     p.set_defaults(func=cmd_sft)
 
 
-def _unload_adapters(model) -> None:
-    """Replace each LoRA wrapper by a plain nn.Linear holding W + (α/r)·B·A (W dequantized in fp32 when
-    it is NF4, so the merge adds no second rounding), and each remaining 4-bit layer by its
-    dequantized weight, so that save_pretrained writes plain hub names."""
-    import torch
-
-    from minillm.lora import LoRALinear
-    from minillm.nf4 import Linear4bit
-
-    def plain(layer, delta=None):
-        w = layer.dequantize_weight(torch.float32) if isinstance(layer, Linear4bit) else layer.weight.detach().float()
-        if delta is not None:
-            w = w + delta.float()
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if layer.bias is not None:
-                lin.bias.copy_(layer.bias.float())
-        return lin
-
-    for kind in (LoRALinear, Linear4bit):  # wrappers first; then 4-bit layers that had no adapter
-        for name, m in list(model.named_modules()):
-            if isinstance(m, kind):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                if kind is LoRALinear:
-                    setattr(parent, child, plain(m.base_layer, None if m.merged else m.delta_weight().detach()))
-                else:
-                    setattr(parent, child, plain(m))
-
-
 def cmd_sft(args) -> int:
     import json
     from pathlib import Path
@@ -283,15 +252,9 @@ def cmd_sft(args) -> int:
     train_set = encode_sft(records, tok, max_length, args.completion_only)
     eval_set = encode_sft(eval_records, tok, max_length, args.completion_only) if eval_records else None
     if args.lora_r:
-        try:
-            from minillm.lora import apply_lora, save_adapter
-        except ImportError:
-            raise SystemExit("--lora-r needs minillm.lora, which this checkout does not have yet") from None
+        from minillm.lora import apply_lora, merge_and_unload, save_adapter
         if args.quantize:
-            try:
-                from minillm.nf4 import quantize_model
-            except ImportError:
-                raise SystemExit("--quantize nf4 needs minillm.nf4, which this checkout does not have yet") from None
+            from minillm.nf4 import quantize_model
             compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
             quantize_model(model, compute_dtype=compute)  # the book's QLoRA: NF4, bf16 compute, no double quant
         apply_lora(model, [t.strip() for t in args.lora_targets.split(",") if t.strip()], r=args.lora_r,
@@ -305,7 +268,7 @@ def cmd_sft(args) -> int:
     if rank == 0:
         if args.lora_r:
             save_adapter(model, Path(out) / "adapter")
-            _unload_adapters(model)
+            merge_and_unload(model)
         model.cpu().save_pretrained(out)
         tok.save_pretrained(out)
         summary = {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,

@@ -171,6 +171,46 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _plain_linear(layer: nn.Module, delta: Optional[torch.Tensor] = None) -> nn.Linear:
+    """An nn.Linear holding `layer`'s weight (+ delta), computed in float32. A 4-bit layer is dequantized
+    and written back in the dtype it was quantized from; an nn.Linear keeps its dtype."""
+    if isinstance(layer, Linear4bit):
+        w, dtype = layer.dequantize_weight(torch.float32), layer.weight_dtype
+    else:
+        w, dtype = layer.weight.detach().float(), layer.weight.dtype
+    if delta is not None:
+        w = w + delta.detach().float()
+    device = w.device
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias)
+    return lin.requires_grad_(False)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace, in place, every LoRALinear by a plain nn.Linear holding W + (α/r)·B A, and every other
+    Linear4bit by its dequantized weight, so that `save_pretrained` writes plain hub names that any
+    loader reads (peft's merge_and_unload). The sum is formed in float32 from the dequantized NF4 weight,
+    so a QLoRA merge adds no second rounding; it is written in the weight's original dtype.
+    The new layers are frozen. Returns the model."""
+    for kind in (LoRALinear, Linear4bit):  # wrappers first; then 4-bit layers that had no adapter
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, kind):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if kind is LoRALinear:
+                lin = _plain_linear(m.base_layer, None if m.merged else m.delta_weight())
+            else:
+                lin = _plain_linear(m)
+            setattr(parent, child, lin.train(m.training))
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total): shared (tied) tensors counted once; a Linear4bit's frozen weight counts
     as its in·out parameters."""

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from minillm.hub import CheckpointError
-from minillm.lora import (LoRALinear, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter,
-                          trainable_report, unmerge_lora)
+from minillm.lora import (LoRALinear, apply_lora, count_parameters, load_adapter, merge_and_unload, merge_lora,
+                          save_adapter, trainable_report, unmerge_lora)
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,43 @@ def test_merge_unmerge_restores(r, alpha, rslora, dtype, seed):
             assert bool(((p - w0).abs() <= 2 * eps * (w0.abs() + delta[mod])).all()), name
         else:
             assert torch.equal(p, w0), name
+
+
+@pytest.mark.parametrize("premerged", [False, True])
+def test_merge_and_unload_gives_plain_model(tmp_path, premerged):
+    """After merge_and_unload: no wrapper left, the hub names of the base model, each target weight equal to
+    W + (α/r)·B A (fp32 rounding), everything else untouched, outputs of the adapter model (1e-5), and
+    the saved checkpoint loads as a plain GPT-2 with the same logits."""
+    torch.manual_seed(0)
+    base, model = tiny(), tiny()
+    apply_lora(model, ["c_attn", "c_fc"], r=4, alpha=8)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B.weight, std=0.1)
+    deltas = {n.replace(".base_layer", ""): m.delta_weight().detach().clone()
+              for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    ids = torch.randint(0, 512, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+        if premerged:
+            merge_lora(model)  # an already merged adapter must not be added twice
+        merge_and_unload(model)
+        got = model(ids)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    bs = base.state_dict()
+    for k, v in model.state_dict().items():
+        mod = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and mod in deltas:
+            torch.testing.assert_close(v, bs[k] + deltas[mod], atol=1e-6, rtol=0)
+            assert not torch.equal(v, bs[k]), k
+        else:
+            assert torch.equal(v, bs[k]), k
+    model.save_pretrained(str(tmp_path / "merged"))
+    again = GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids), got)
 
 
 def test_forward_formula_and_scaling():

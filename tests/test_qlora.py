@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from minillm.lora import LoRALinear, apply_lora, load_adapter, merge_lora, trainable_report, unmerge_lora
+from minillm.lora import (LoRALinear, apply_lora, load_adapter, merge_and_unload, merge_lora, trainable_report,
+                          unmerge_lora)
 from minillm.models.gpt2 import GPT2LMHeadModel
 from minillm.nf4 import Linear4bit, dequantize_nf4, quantize_model, quantize_nf4
 
@@ -127,3 +128,33 @@ def test_full_precision_merge_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         merge_lora(model)
+
+
+def test_merge_and_unload_dequantizes_without_second_rounding():
+    """QLoRA merge_and_unload: W = dequant(W_nf4) + (α/r)·B A in float32 — no re-quantization, so the plain
+    model equals the 4-bit adapter model (1e-5) where merging into a 4-bit layer would not."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained("tiny-gpt2").eval()
+    quantize_model(model)
+    apply_lora(model, ["c_attn"], r=4, alpha=8)  # c_proj, c_fc: 4-bit layers without an adapter
+    plain_w = {n + ".weight": m.dequantize_weight(torch.float32) for n, m in model.named_modules()
+               if isinstance(m, Linear4bit) and not n.endswith("base_layer")}
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B.weight, std=0.1)
+    want_w = {n.replace(".base_layer", "") + ".weight": m.base_layer.dequantize_weight(torch.float32)
+              + m.delta_weight().detach() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    ids = torch.randint(0, 512, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+        merge_and_unload(model)
+        got = model(ids)
+    assert not any(isinstance(m, (LoRALinear, Linear4bit)) for m in model.modules())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    sd = model.state_dict()
+    for k, w in want_w.items():
+        assert torch.equal(sd[k], w), k  # the same float32 sum, bit for bit
+    for k, w in plain_w.items():
+        assert torch.equal(sd[k], w), k  # layers without an adapter come back dequantized
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
+    assert set(sd) == set(GPT2LMHeadModel.from_pretrained("tiny-gpt2").state_dict())
