@@ -86,6 +86,13 @@ def add_train_reward(sub) -> None:
     p.add_argument("--center-coef", type=float, default=0.0, help="reward centering coefficient")
     p.add_argument("--no-margin", action="store_true", help="ignore margins (InstructGPT's loss)")
     p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank and the head (0: full "
+                                                         "fine-tune); merged into the saved backbone")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all attention and "
+                                                        "MLP linears: c_attn,c_proj,c_fc for GPT-2; query,key,value,"
+                                                        "intermediate.dense,output.dense for BERT)")
+    p.add_argument("--nf4", action="store_true", help="QLoRA: store the frozen backbone linears in NF4 (needs --lora-r)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train_reward)
@@ -98,7 +105,9 @@ def cmd_train_reward(args) -> int:
     rec = train_reward_job(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, eval_frac=args.eval_frac, center_coef=args.center_coef,
                            use_margin=not args.no_margin, seed=args.seed, device=str(pick_device(args.device)),
-                           max_length=args.max_length)
+                           max_length=args.max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                           lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+                           if args.lora_targets else None, nf4=args.nf4)
     print(f"held-out pairwise accuracy: {rec['eval_acc']}")
     return 0
 

@@ -75,3 +75,69 @@ def test_ppo_qlora_policy(ckpt, tmp_path):
                   "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "p2"), "--nf4"])
     finally:
         torch.set_num_threads(n)
+
+
+def _pairs_accuracy(rm_dir, pairs_file):
+    from minillm.rlhf.jobs import load_tokenizer
+    from minillm.rlhf.reward import RewardModel, pairwise_accuracy, score_texts
+    rm = RewardModel.from_pretrained(str(rm_dir)).eval()
+    tok = load_tokenizer(str(rm_dir))
+    rows = [json.loads(l) for l in open(pairs_file)]
+    p = [r["prompt"] for r in rows]
+    return pairwise_accuracy(score_texts(rm, tok, p, [r["chosen"] for r in rows]),
+                             score_texts(rm, tok, p, [r["rejected"] for r in rows]))
+
+
+def test_train_reward_lora_bert(ckpt, tmp_path):
+    """--lora-r on a BERT backbone: only the LoRA targets' weights move (merged into the saved backbone), the
+    rest of the backbone is bit-identical to the base, the adapter is saved in peft's files, and the saved
+    reward model ranks the pairs."""
+    from minillm.models.bert import BertModel
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train-reward", "--model", "tiny-bert", "--data", str(ckpt / "pairs.jsonl"),
+                     "--out", str(tmp_path / "rm"), "--epochs", "4", "--lr", "1e-2", "--batch-size", "16",
+                     "--eval-frac", "0.25", "--lora-r", "4", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert (tmp_path / "rm" / "adapter" / "adapter_model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "rm" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and "query" in cfg["target_modules"]
+    base, got = BertModel.from_pretrained("tiny-bert").state_dict(), BertModel.from_pretrained(str(tmp_path / "rm")).state_dict()
+    assert set(base) == set(got)
+    targets = (".query.weight", ".key.weight", ".value.weight", "intermediate.dense.weight", "output.dense.weight")
+    for k in base:
+        if k.endswith(targets):
+            assert not torch.equal(got[k], base[k]), k
+        else:
+            assert torch.equal(got[k], base[k]), k  # embeddings, norms, biases, pooler: frozen
+    assert _pairs_accuracy(tmp_path / "rm", ckpt / "pairs.jsonl") >= 0.9
+
+
+def test_train_reward_qlora_gpt2(ckpt, tmp_path):
+    """--lora-r --nf4: the backbone is trained as NF4 + LoRA and saved dequantized and merged (full precision);
+    the saved reward model loads as a plain one and ranks the pairs."""
+    from minillm.models.gpt2 import GPT2LMHeadModel
+    from minillm.nf4 import dequantize_nf4, quantize_nf4
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+                     "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "1e-2", "--batch-size", "16",
+                     "--eval-frac", "0.25", "--lora-r", "4", "--nf4", "--device", "cpu"]) == 0
+        with pytest.raises(ValueError, match="needs LoRA"):
+            main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+                  "--out", str(tmp_path / "rm2"), "--nf4"])
+    finally:
+        torch.set_num_threads(n)
+    base = GPT2LMHeadModel.from_pretrained(str(ckpt / "gpt")).state_dict()
+    got = GPT2LMHeadModel.from_pretrained(str(tmp_path / "rm")).state_dict()
+    for k, w in base.items():
+        if k.endswith("attn.c_proj.weight") or k.endswith("mlp.c_proj.weight"):
+            # LoRA on c_proj too; its merged weight is the NF4 round trip plus a low-rank update of rank ≤ 4
+            resid = got[k] - dequantize_nf4(*quantize_nf4(w))
+            assert 0 < torch.linalg.matrix_rank(resid).item() <= 4, k
+        elif not k.endswith(("c_attn.weight", "c_fc.weight")):
+            assert torch.equal(got[k], w), k  # embeddings, norms, biases: untouched full precision
+    assert _pairs_accuracy(tmp_path / "rm", ckpt / "pairs.jsonl") >= 0.9

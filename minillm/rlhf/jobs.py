@@ -2,7 +2,8 @@
 
 train-reward: a GPT-2 or BERT checkpoint + pairs.jsonl -> a reward model directory (the backbone in
 the hub layout, score.safetensors, reward_config.json, the tokenizer), trained with the margin loss
-and checked on a held-out slice of the pairs.
+and checked on a held-out slice of the pairs; fully, or with LoRA adapters (on an NF4 backbone: QLoRA)
+that are merged into the saved backbone.
 
 ppo: a GPT-2 policy + that reward model + prompts.jsonl -> a tuned policy. The reference is a frozen
 copy of the starting policy. The reward model reads text through its own tokenizer, so it may
@@ -49,9 +50,22 @@ class _Log:
         self.f.flush()
 
 
+# LoRA targets when none are given: every linear of the attention and MLP blocks.
+DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"),
+                        "bert": ("query", "key", "value", "intermediate.dense", "output.dense")}  # not the pooler
+
+
 def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_size: int = 16, lr: float = 1e-5,
                      eval_frac: float = 0.1, center_coef: float = 0.0, use_margin: bool = True, seed: int = 0,
-                     device: Optional[str] = None, max_length: Optional[int] = None) -> dict:
+                     device: Optional[str] = None, max_length: Optional[int] = None, lora_r: int = 0,
+                     lora_alpha: float = 16.0, lora_targets: Optional[tuple] = None, nf4: bool = False) -> dict:
+    """lora_r > 0: train LoRA adapters on the backbone plus the scalar head (the rest frozen); nf4: store the
+    frozen backbone linears in NF4 first (QLoRA; needs lora_r). Either way the reward model is written with
+    the adapters merged into a plain full-precision backbone (lora.merge_and_unload), so
+    RewardModel.from_pretrained and `minillm ppo` read it as any other; the adapters alone go to <out>/adapter/
+    in peft's format."""
+    if nf4 and not lora_r:
+        raise ValueError("--nf4 quantizes the frozen backbone; it needs LoRA adapters to train (--lora-r > 0)")
     pairs = load_pairs(data)
     rng = random.Random(seed)
     rng.shuffle(pairs)
@@ -61,10 +75,17 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
     backbone = load_backbone(model)
     mt = hub.read_config(hub.resolve(model)).get("model_type", "gpt2")
     pool = "first" if mt == "bert" else "last"
-    rm = RewardModel(backbone, backbone_hidden_size(backbone), pool=pool).to(device)
+    if nf4:
+        from minillm.nf4 import quantize_model
+        quantize_model(backbone)
+    if lora_r:
+        from minillm.lora import apply_lora
+        apply_lora(backbone, list(lora_targets or DEFAULT_LORA_TARGETS[mt]), r=lora_r, alpha=lora_alpha)
+    rm = RewardModel(backbone, backbone_hidden_size(backbone), pool=pool).to(device)  # the head stays trainable
     tok = load_tokenizer(model)
     log = _Log(Path(out) / "metrics.jsonl")
-    log("rm", f"{mt} backbone, pool={pool}, {len(train_pairs)} training / {len(eval_pairs)} held-out pairs")
+    log("rm", f"{mt} backbone, pool={pool}, {len(train_pairs)} training / {len(eval_pairs)} held-out pairs"
+              + (f"; LoRA r={lora_r}{' on NF4 weights' if nf4 else ''}" if lora_r else ""))
 
     def show(r):
         ev = f"{r['eval_acc']:.3f}" if r["eval_acc"] is not None else "-"
@@ -73,6 +94,10 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
     rec = train_reward_model(rm, tok, train_pairs, eval_pairs or None, epochs=epochs, batch_size=batch_size, lr=lr,
                              center_coef=center_coef, use_margin=use_margin, seed=seed, log=show,
                              max_length=max_length)
+    if lora_r:
+        from minillm.lora import merge_and_unload, save_adapter
+        save_adapter(backbone, Path(out) / "adapter")
+        merge_and_unload(backbone)
     rm.save_pretrained(out)
     tok.save_pretrained(out)
     log("done", f"reward model saved to {out}")
