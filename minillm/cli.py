@@ -228,6 +228,8 @@ def add_sft(sub) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="c_attn", help="comma-separated module names to adapt")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="freeze the base in NF4 (QLoRA; needs --lora-r)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward (less memory, ~1 more forward)")
     _add_train_args(p, epochs=1, batch_size=1, lr=5e-5)
     p.set_defaults(func=cmd_sft)
 
@@ -270,6 +272,8 @@ def cmd_sft(args) -> int:
                    alpha=args.lora_alpha, dropout=args.lora_dropout)
         if chat:  # the new chat-token rows must learn (peft's modules_to_save for the embeddings)
             model.transformer.wte.weight.requires_grad_(True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     collate = CausalLMCollator(tok.pad_token_id)
     eval_fn = (lambda m: evaluate(m, eval_set, collate, causal_lm_loss, args.batch_size)) if eval_set else None
     result = train(model, train_set, collate, causal_lm_loss, _train_config(args, out), eval_fn=eval_fn,

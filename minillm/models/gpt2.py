@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from minillm import hub
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
@@ -173,6 +174,7 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.h = nn.ModuleList([GPT2Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.gradient_checkpointing = False  # see GPT2LMHeadModel.gradient_checkpointing_enable
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                 encoder_hidden_states=None, encoder_attention_mask=None):
@@ -200,8 +202,14 @@ class GPT2Model(nn.Module):
             encoder_hidden_states = encoder_hidden_states.to(x.dtype)
             if encoder_attention_mask is not None:
                 enc_mask = padding_mask(encoder_attention_mask)
+        checkpointing = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, mask=mask, cache=cache, encoder_hidden_states=encoder_hidden_states, encoder_mask=enc_mask)
+            if checkpointing:  # keep only the block's input; recompute its inside during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, None, encoder_hidden_states, enc_mask,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, mask=mask, cache=cache, encoder_hidden_states=encoder_hidden_states,
+                          encoder_mask=enc_mask)
         return self.ln_f(x)
 
 
@@ -242,6 +250,15 @@ class GPT2LMHeadModel(nn.Module):
                              encoder_attention_mask=encoder_attention_mask)
         logits = self.lm_head(h)  # (B, T, vocab)
         return (logits, h) if return_hidden else logits
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Activation (gradient) checkpointing: in training, each block keeps only its input and recomputes
+        its activations during backward — memory for activations drops from O(layers × block internals) to
+        O(layers × B·T·C), for about one more forward pass of compute. The recomputation replays the same
+        dropout masks (torch.utils.checkpoint restores the RNG state), so gradients equal the plain path's.
+        QLoRA uses it by default (peft's prepare_model_for_kbit_training). Chen et al., "Training Deep Nets
+        with Sublinear Memory Cost" (2016)."""
+        self.transformer.gradient_checkpointing = enable
 
     def new_cache(self, max_length: Optional[int] = None) -> KVCache:
         return KVCache(self.config.n_layer, max_length)

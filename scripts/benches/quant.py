@@ -7,8 +7,8 @@ Rows
 - a Linear4bit forward (768 -> 3072, x of 4·128 tokens, fp32 compute) vs the fp32 nn.Linear forward;
 - bytes per parameter of NF4 weights (block 64, with and without double quantization) vs bitsandbytes';
 - peak memory of a training step of the 124M config: QLoRA (NF4 linears + LoRA r=16 on c_attn/c_proj/c_fc,
-  AdamW on the LoRA parameters) vs full fine-tuning (AdamW on all parameters), batches of 1 × 128 (the row
-  with the 0.5 target) and 4 × 128 tokens.
+  AdamW on the LoRA parameters) vs full fine-tuning (AdamW on all parameters), batches of 1 × 128 and
+  4 × 128 tokens, the latter also with gradient checkpointing (GPT2LMHeadModel.gradient_checkpointing_enable).
 
 How memory is measured: each variant runs in its own subprocess. After building the model and freeing the
 construction temporaries (gc + glibc malloc_trim), the process resets its peak resident set size
@@ -78,20 +78,29 @@ def run(args) -> list[dict]:
     rows.append(row("Linear4bit forward 768->3072, 4x128 tokens, fp32 compute", t_ours, t_ref, "s", target=3.0,
                     note="reference: fp32 nn.Linear (the dequantize-then-matmul cost)"))
 
-    for batch in (1, 4):
-        mem = {mode: _child(mode, batch) for mode in ("qlora", "full")}
-        rows.append(row(f"peak memory of a training step, GPT-2 124M config, batch {batch}x128 (QLoRA vs full FT)",
-                        mem["qlora"]["step_mb"], mem["full"]["step_mb"], "MB", target=0.5 if batch == 1 else None,
-                        note=f"reference: full fine-tuning, AdamW on all {mem['full']['params'] / 1e6:.1f}M params; "
-                             f"QLoRA: NF4 linears + LoRA r=16, {mem['qlora']['trainable'] / 1e6:.2f}M trainable; "
-                             f"{mem['qlora']['method']}" + ("; activations grow with the batch and are not "
-                                                            "quantized (no gradient checkpointing)" if batch > 1 else "")))
+    mem = {(mode, batch, ckpt): _child(mode, batch, ckpt)
+           for mode, batch, ckpt in [("qlora", 1, False), ("full", 1, False), ("qlora", 4, False), ("full", 4, False),
+                                     ("qlora", 4, True), ("full", 4, True)]}
+    full = mem[("full", 1, False)]
+    what = (f"full FT: AdamW on all {full['params'] / 1e6:.1f}M params; QLoRA: NF4 linears + LoRA r=16, "
+            f"{mem[('qlora', 1, False)]['trainable'] / 1e6:.2f}M trainable; {full['method']}")
+    for (batch, q_ckpt, f_ckpt, target, extra) in [
+            (1, False, False, 0.5, ""),
+            (4, False, False, None, "; without checkpointing the activations, which grow with the batch and are "
+                                    "not quantized, dominate"),
+            (4, True, False, 0.5, "; QLoRA as practised: gradient checkpointing on (peft's "
+                                  "prepare_model_for_kbit_training does it by default)"),
+            (4, True, True, None, "; both with gradient checkpointing")]:
+        name = (f"peak memory of a training step, GPT-2 124M config, batch {batch}x128 "
+                f"(QLoRA{' + grad. checkpointing' if q_ckpt else ''} vs full FT{' + grad. checkpointing' if f_ckpt else ''})")
+        rows.append(row(name, mem[("qlora", batch, q_ckpt)]["step_mb"], mem[("full", batch, f_ckpt)]["step_mb"], "MB",
+                        target=target, note=what + extra))
     return rows
 
 
-def _child(mode: str, batch: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "memory-child", mode, str(batch)], capture_output=True, text=True,
-                         cwd=str(ROOT), check=False)
+def _child(mode: str, batch: int, checkpointing: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "memory-child", mode, str(batch), str(int(checkpointing))],
+                         capture_output=True, text=True, cwd=str(ROOT), check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child '{mode}' failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -104,7 +113,7 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(mode: str, batch: int = 4) -> dict:
+def memory_child(mode: str, batch: int = 4, checkpointing: bool = False) -> dict:
     import ctypes
     import gc
 
@@ -123,6 +132,8 @@ def memory_child(mode: str, batch: int = 4) -> dict:
     if mode == "qlora":
         quantize_model(model)
         apply_lora(model, ["c_attn", "c_proj", "c_fc"], r=16, alpha=32, dropout=0.05)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = count_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -152,5 +163,5 @@ def memory_child(mode: str, batch: int = 4) -> dict:
             "trainable": trainable, "params": total, "method": method}
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "memory-child":
-    print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]))))
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "memory-child":
+    print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]), bool(int(sys.argv[4])))))
