@@ -28,22 +28,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 AREAS = ["gpt2", "encoders", "quant", "train"]
 
 
-def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
-    """Median seconds of `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if sync:
-            sync()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None) -> tuple[float, float]:
     """Median seconds of a and b, alternating calls so that machine noise hits both alike."""
     for _ in range(warmup):

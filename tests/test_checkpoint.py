@@ -18,14 +18,7 @@ from minillm.train.data import IGNORE, CausalLMCollator
 from minillm.train.loop import TrainConfig, causal_lm_loss, make_optimizer, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine thread contention makes them
-    ~5x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -227,14 +227,6 @@ def _prompts(B=32):
     return torch.full((B, 2), 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and a busy 2-core box oversubscribes badly
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ppo_loop_raises_the_score_and_logs_stats(one_thread):
     # score = share of '7' tokens in the response: PPO must push it up within a few steps
     def score(prompts, responses):

@@ -10,6 +10,8 @@ import torch
 from minillm.cli import main
 from minillm.demos.rlhf_demo import DemoConfig, build_policy, build_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -31,50 +33,40 @@ def ckpt(tmp_path_factory):
 
 
 def test_train_reward_then_ppo(ckpt, tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
-                     "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "3e-3", "--batch-size", "16",
-                     "--eval-frac", "0.25", "--device", "cpu"]) == 0
-        recs = [json.loads(l) for l in open(tmp_path / "rm" / "metrics.jsonl") if '"epoch"' in l]
-        assert recs[-1]["eval_acc"] >= 0.9  # 24 held-out pairs of an easy preference
-        for f in ("score.safetensors", "reward_config.json", "model.safetensors", "tokenizer.json"):
-            assert (tmp_path / "rm" / f).is_file()
-        # PPO with the tiny-gpt2 BPE policy: a different tokenizer than the reward model's word-level one
-        assert main(["ppo", "--policy", "tiny-gpt2", "--reward-model", str(tmp_path / "rm"),
-                     "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
-                     "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
-                     "--device", "cpu"]) == 0
-        lines = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl")]
-        assert any("re-encoded" in l["msg"] for l in lines)  # the tokenizers differ, and the job says so
-        steps = [l for l in lines if "step" in l]
-        assert [l["step"] for l in steps] == [1, 2] and abs(steps[0]["kl"]) < 1e-4
-        assert (tmp_path / "pol" / "value_head.safetensors").is_file()
-    finally:
-        torch.set_num_threads(n)
+    assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+                 "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "3e-3", "--batch-size", "16",
+                 "--eval-frac", "0.25", "--device", "cpu"]) == 0
+    recs = [json.loads(l) for l in open(tmp_path / "rm" / "metrics.jsonl") if '"epoch"' in l]
+    assert recs[-1]["eval_acc"] >= 0.9  # 24 held-out pairs of an easy preference
+    for f in ("score.safetensors", "reward_config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "rm" / f).is_file()
+    # PPO with the tiny-gpt2 BPE policy: a different tokenizer than the reward model's word-level one
+    assert main(["ppo", "--policy", "tiny-gpt2", "--reward-model", str(tmp_path / "rm"),
+                 "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
+                 "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    lines = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl")]
+    assert any("re-encoded" in l["msg"] for l in lines)  # the tokenizers differ, and the job says so
+    steps = [l for l in lines if "step" in l]
+    assert [l["step"] for l in steps] == [1, 2] and abs(steps[0]["kl"]) < 1e-4
+    assert (tmp_path / "pol" / "value_head.safetensors").is_file()
 
 
 def test_ppo_qlora_policy(ckpt, tmp_path):
     """--lora-r with --nf4: adapters only, NF4 base, reference = adapters off (KL 0 at step 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
-              "--out", str(tmp_path / "rm"), "--epochs", "1", "--device", "cpu"])
-        assert main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
-                     "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
-                     "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
-                     "--lora-r", "4", "--nf4", "--lr", "1e-2", "--device", "cpu"]) == 0
-        steps = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl") if '"step"' in l]
-        assert abs(steps[0]["kl"]) < 1e-4  # adapters start at B = 0: policy = reference
-        assert (tmp_path / "pol" / "adapter_model.safetensors").is_file()
-        assert not (tmp_path / "pol" / "model.safetensors").exists()
-        with pytest.raises(ValueError, match="needs LoRA"):
-            main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
-                  "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "p2"), "--nf4"])
-    finally:
-        torch.set_num_threads(n)
+    main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+          "--out", str(tmp_path / "rm"), "--epochs", "1", "--device", "cpu"])
+    assert main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
+                 "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
+                 "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
+                 "--lora-r", "4", "--nf4", "--lr", "1e-2", "--device", "cpu"]) == 0
+    steps = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl") if '"step"' in l]
+    assert abs(steps[0]["kl"]) < 1e-4  # adapters start at B = 0: policy = reference
+    assert (tmp_path / "pol" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "pol" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="needs LoRA"):
+        main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
+              "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "p2"), "--nf4"])
 
 
 def _pairs_accuracy(rm_dir, pairs_file):
@@ -93,14 +85,9 @@ def test_train_reward_lora_bert(ckpt, tmp_path):
     rest of the backbone is bit-identical to the base, the adapter is saved in peft's files, and the saved
     reward model ranks the pairs."""
     from minillm.models.bert import BertModel
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train-reward", "--model", "tiny-bert", "--data", str(ckpt / "pairs.jsonl"),
-                     "--out", str(tmp_path / "rm"), "--epochs", "4", "--lr", "1e-2", "--batch-size", "16",
-                     "--eval-frac", "0.25", "--lora-r", "4", "--device", "cpu"]) == 0
-    finally:
-        torch.set_num_threads(n)
+    assert main(["train-reward", "--model", "tiny-bert", "--data", str(ckpt / "pairs.jsonl"),
+                 "--out", str(tmp_path / "rm"), "--epochs", "4", "--lr", "1e-2", "--batch-size", "16",
+                 "--eval-frac", "0.25", "--lora-r", "4", "--device", "cpu"]) == 0
     assert (tmp_path / "rm" / "adapter" / "adapter_model.safetensors").is_file()
     cfg = json.loads((tmp_path / "rm" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and "query" in cfg["target_modules"]
@@ -120,17 +107,12 @@ def test_train_reward_qlora_gpt2(ckpt, tmp_path):
     the saved reward model loads as a plain one and ranks the pairs."""
     from minillm.models.gpt2 import GPT2LMHeadModel
     from minillm.nf4 import dequantize_nf4, quantize_nf4
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
-                     "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "1e-2", "--batch-size", "16",
-                     "--eval-frac", "0.25", "--lora-r", "4", "--nf4", "--device", "cpu"]) == 0
-        with pytest.raises(ValueError, match="needs LoRA"):
-            main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
-                  "--out", str(tmp_path / "rm2"), "--nf4"])
-    finally:
-        torch.set_num_threads(n)
+    assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+                 "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "1e-2", "--batch-size", "16",
+                 "--eval-frac", "0.25", "--lora-r", "4", "--nf4", "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="needs LoRA"):
+        main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+              "--out", str(tmp_path / "rm2"), "--nf4"])
     base = GPT2LMHeadModel.from_pretrained(str(ckpt / "gpt")).state_dict()
     got = GPT2LMHeadModel.from_pretrained(str(tmp_path / "rm")).state_dict()
     for k, w in base.items():
