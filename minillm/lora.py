@@ -180,8 +180,7 @@ def _plain_linear(layer: nn.Module, delta: Optional[torch.Tensor] = None) -> nn.
         w, dtype = layer.weight.detach().float(), layer.weight.dtype
     if delta is not None:
         w = w + delta.detach().float()
-    device = w.device
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=device, dtype=dtype)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=w.device, dtype=dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
         if layer.bias is not None:

@@ -197,7 +197,7 @@ def test_bad_inputs_clear_errors():
         model(torch.zeros(1, 3, dtype=torch.long), encoder_hidden_states=torch.zeros(1, 2, 64))
 
 
-def _grads(model, ids, mask, enc, lora):
+def _grads(model, ids, mask, enc):
     torch.manual_seed(123)  # the same dropout masks on both runs
     logits = model(ids, attention_mask=mask, encoder_hidden_states=enc)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -224,16 +224,14 @@ def test_gradient_checkpointing_same_gradients(cross, lora):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
     enc = torch.randn(2, 5, 32) if cross else None
-    loss0, g0 = _grads(model, ids, mask, enc, lora)
+    loss0, g0 = _grads(model, ids, mask, enc)
     model.gradient_checkpointing_enable()
-    loss1, g1 = _grads(model, ids, mask, enc, lora)
+    loss1, g1 = _grads(model, ids, mask, enc)
     assert set(g0) == set(g1) and len(g0) > 0
     assert all("lora_" in n for n in g1) == lora
     torch.testing.assert_close(loss1, loss0, atol=0, rtol=0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-6, msg=n)
-    with torch.no_grad():  # inference is untouched by the flag
-        assert torch.equal(model.eval()(ids), model(ids))
 
 
 def test_gradient_checkpointing_saves_less_for_backward():

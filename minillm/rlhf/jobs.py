@@ -55,6 +55,22 @@ DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"),
                         "bert": ("query", "key", "value", "intermediate.dense", "output.dense")}  # not the pooler
 
 
+def check_adapter_flags(lora_r: int, nf4: bool) -> None:
+    """Before any loading: NF4 freezes the base, so something must train on top of it."""
+    if nf4 and not lora_r:
+        raise ValueError("--nf4 quantizes the frozen base weights; it needs LoRA adapters to train (--lora-r > 0)")
+
+
+def add_adapters(model: torch.nn.Module, lora_r: int, lora_alpha: float, lora_targets, nf4: bool) -> None:
+    """In place: the base linears to NF4 (nf4), then LoRA adapters of rank lora_r (0: none, full fine-tune)."""
+    if nf4:
+        from minillm.nf4 import quantize_model
+        quantize_model(model)
+    if lora_r:
+        from minillm.lora import apply_lora
+        apply_lora(model, list(lora_targets), r=lora_r, alpha=lora_alpha)
+
+
 def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_size: int = 16, lr: float = 1e-5,
                      eval_frac: float = 0.1, center_coef: float = 0.0, use_margin: bool = True, seed: int = 0,
                      device: Optional[str] = None, max_length: Optional[int] = None, lora_r: int = 0,
@@ -64,8 +80,7 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
     the adapters merged into a plain full-precision backbone (lora.merge_and_unload), so
     RewardModel.from_pretrained and `minillm ppo` read it as any other; the adapters alone go to <out>/adapter/
     in peft's format."""
-    if nf4 and not lora_r:
-        raise ValueError("--nf4 quantizes the frozen backbone; it needs LoRA adapters to train (--lora-r > 0)")
+    check_adapter_flags(lora_r, nf4)
     pairs = load_pairs(data)
     rng = random.Random(seed)
     rng.shuffle(pairs)
@@ -75,12 +90,7 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
     backbone = load_backbone(model)
     mt = hub.read_config(hub.resolve(model)).get("model_type", "gpt2")
     pool = "first" if mt == "bert" else "last"
-    if nf4:
-        from minillm.nf4 import quantize_model
-        quantize_model(backbone)
-    if lora_r:
-        from minillm.lora import apply_lora
-        apply_lora(backbone, list(lora_targets or DEFAULT_LORA_TARGETS[mt]), r=lora_r, alpha=lora_alpha)
+    add_adapters(backbone, lora_r, lora_alpha, lora_targets or DEFAULT_LORA_TARGETS[mt], nf4)
     rm = RewardModel(backbone, backbone_hidden_size(backbone), pool=pool).to(device)  # the head stays trainable
     tok = load_tokenizer(model)
     log = _Log(Path(out) / "metrics.jsonl")
@@ -111,18 +121,12 @@ def ppo_job(policy: str, reward_model: str, prompts: str, out: str, steps: int =
     (one copy of the base weights). nf4: store the base linears in NF4 first (QLoRA; needs lora_r)."""
     from minillm.models.gpt2 import GPT2LMHeadModel
     cfg = config or PPOConfig()
-    if nf4 and not lora_r:
-        raise ValueError("--nf4 quantizes the frozen base weights; it needs LoRA adapters to train (--lora-r > 0)")
+    check_adapter_flags(lora_r, nf4)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     texts = load_prompts(prompts)
     lm = GPT2LMHeadModel.from_pretrained(policy, device=device)
-    if nf4:
-        from minillm.nf4 import quantize_model
-        quantize_model(lm)
-    if lora_r:
-        from minillm.lora import apply_lora
-        apply_lora(lm, list(lora_targets), r=lora_r, alpha=lora_alpha)
+    add_adapters(lm, lora_r, lora_alpha, lora_targets, nf4)
     tok = load_tokenizer(policy)
     rm = RewardModel.from_pretrained(reward_model, device=device).eval().requires_grad_(False)
     rm_dir = hub.resolve(reward_model)
