@@ -1,0 +1,85 @@
+"""The RLHF demo's outputs: the summary table it prints, runs/<name>/report.md and curves.png.
+
+All three read the demo's summary dict (rlhf_demo._run) and its metrics.jsonl, one JSON record per
+line with a "phase" ("setup", "sft", "rm", "ppo", "eval", "done"); nothing here trains or scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+def summary_table(s: dict) -> str:
+    b, a = s["sft"], s["ppo"]
+
+    def ms(d):
+        return f"{d['mean']:+.3f} ± {d['std']:.3f}"
+    rows = [("", "SFT policy", "PPO policy"),
+            ("proxy reward (RM)", ms(b["proxy"]), ms(a["proxy"])),
+            ("true score (1-10)", ms(b["true"]), ms(a["true"])),
+            ("KL to reference", ms(b["kl"]), ms(a["kl"])),
+            ("distinct-2", f"{b['distinct2']:.3f}", f"{a['distinct2']:.3f}"),
+            ("unique responses", f"{b['unique_frac']:.3f}", f"{a['unique_frac']:.3f}"),
+            ("mean length (words)", f"{b['length']:.1f}", f"{a['length']:.1f}")]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(w[i]) for i in range(3)) for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    n = a["n_prompts"]
+    lines.append(f"(mean ± std over {n} held-out prompts; PPO beats SFT on {s['wins_true']}/{n} prompts by true score, "
+                 f"{s['wins_proxy']}/{n} by proxy)")
+    lines.append(f"reward model held-out pairwise accuracy: {s['reward_model']['heldout_acc']:.3f} "
+                 f"({s['reward_model']['n_heldout_pairs']} pairs)")
+    lines.append(f"KL target {s['kl_target']}, final beta {s['final_kl_coef']:.4f}; elapsed {s['elapsed_s']:.0f}s")
+    lines.append("checks: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in s["checks"].items()))
+    return "\n".join(lines)
+
+
+def write_report(out: Path, s: dict) -> None:
+    ppo = [json.loads(l) for l in open(out / "metrics.jsonl") if '"phase": "ppo"' in l]
+    rm = [json.loads(l) for l in open(out / "metrics.jsonl") if '"phase": "rm"' in l and "epoch" in l]
+    lines = [f"# RLHF demo report — {s['config']['name']}", "",
+             "SFT → labelers → reward model (margin loss) → PPO with a KL penalty, on synthetic reviews. "
+             "The true score is the hidden judge the labelers approximate; the proxy reward is the reward model's "
+             "(normalized) score.", "", "## Summary", "", "```", summary_table(s), "```", "",
+             "## Reward model", "",
+             f"- backbone: {s['reward_model_backbone']}; {s['reward_model']['n_train_pairs']} training pairs",
+             f"- held-out pairwise accuracy: **{s['reward_model']['heldout_acc']:.3f}** "
+             f"({s['reward_model']['n_heldout_pairs']} pairs from held-out prompts); train: {s['reward_model']['train_acc']:.3f}",
+             "", "| epoch | loss | train acc | held-out acc |", "|---|---|---|---|"]
+    lines += [f"| {r['epoch']} | {r['loss']:.3f} | {r['train_acc']:.3f} | {r['heldout_acc']:.3f} |" for r in rm]
+    lines += ["", "## PPO per step", "",
+              "| step | score (proxy) | KL | β | entropy | clip frac | approx-KL | value loss | adv mean | adv std | length |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['score']:+.3f} | {r['kl']:.3f} | {r['kl_coef']:.4f} | {r['entropy']:.3f} | "
+              f"{r['clipfrac']:.3f} | {r['approxkl']:.4f} | {r['value_loss']:.3f} | {r['adv_mean']:+.3f} | "
+              f"{r['adv_std']:.3f} | {r['response_length']:.1f} |" for r in ppo]
+    for title, key in (("Samples before (SFT policy)", "sft"), ("Samples after (PPO policy)", "ppo")):
+        lines += ["", f"## {title}", "", "| prompt | response | proxy | true |", "|---|---|---|---|"]
+        lines += [f"| {d['prompt']} | {d['response']} | {d['proxy']:+.2f} | {d['true']:.1f} |" for d in s[key]["samples"]]
+    lines += ["", "## Checks", ""] + [f"- {k}: {'OK' if v else 'MISSED'}" for k, v in s["checks"].items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(out: Path) -> Optional[Path]:
+    """curves.png (proxy score, KL and β per PPO step) when matplotlib is installed (`pip install minillm[plots]`)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ppo = [json.loads(l) for l in open(out / "metrics.jsonl") if '"phase": "ppo"' in l]
+    if not ppo:
+        return None
+    steps = [r["step"] for r in ppo]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    for a, key, title in zip(ax, ("score", "kl", "kl_coef"), ("proxy reward", "KL to reference", "β")):
+        a.plot(steps, [r[key] for r in ppo])
+        a.set_title(title)
+        a.set_xlabel("PPO step")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return out / "curves.png"
