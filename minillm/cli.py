@@ -325,7 +325,7 @@ def cmd_classify(args) -> int:
     try:
         from minillm.models.bert import BertForSequenceClassification
         from minillm.models.distilbert import DistilBertForSequenceClassification
-        from minillm.models.heads import freeze_below_layer
+        from minillm.train.freezing import freeze_below_layer
     except ImportError:
         raise SystemExit("classify needs minillm.models.bert / distilbert / heads, which this checkout does not "
                          "have yet") from None

@@ -225,22 +225,45 @@ def copy_tokenizer_files(src: Optional[Path], dst: str | os.PathLike) -> None:
             (Path(dst) / name).write_bytes(f.read_bytes())
 
 
-def checked_ids(input_ids: torch.Tensor, vocab_size: int, max_positions: int, what: str = "input_ids",
-                past: int = 0) -> None:
-    """Clear errors for token ids outside the vocabulary and sequences longer than the position table."""
-    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64, torch.int16, torch.uint8):
-        raise TypeError(f"{what} must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"{what} must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-    if input_ids.numel():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"{what}: token id {hi if hi >= vocab_size else lo} outside the vocabulary [0, {vocab_size})")
-    if past + input_ids.shape[1] > max_positions:
-        raise ValueError(f"{what}: sequence length {past + input_ids.shape[1]} exceeds the model's "
-                         f"{max_positions} positions")
-
-
 def as_config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
+
+
+# ---- one checkpoint, two layouts: base (`BertModel`) and task (`bert.` prefix + heads) ----
+# The hub stores an encoder two ways. A *base* checkpoint (`BertModel`, `ViTModel`) names its tensors
+# without a prefix (`embeddings.word_embeddings.weight`); a *task* checkpoint (`BertForSequenceClassification`,
+# `ViTForImageClassification`) puts the base under a prefix (`bert.`, `distilbert.`, `vit.`, `roberta.`) and adds
+# head tensors. A base model reads both: the prefix is stripped and the *known* head tensors are skipped; any
+# other stray tensor is still an error (strict loading). transformers calls the prefix `base_model_prefix`.
+HEAD_TENSORS = [r"^cls\.", r"^classifier\.", r"^pre_classifier\.", r"^qa_outputs\.", r"^vocab_transform\.",
+                r"^vocab_layer_norm\.", r"^vocab_projector\.", r"^lm_head\.", r"^decoder\."]
+
+
+def read_config_of(name_or_path: str, model_type: str, loader: str) -> tuple[Path, dict]:
+    """Resolve a checkpoint and read its config.json, refusing another architecture with a clear error."""
+    d = resolve(name_or_path)
+    raw = read_config(d)
+    found = raw.get("model_type")
+    if found != model_type:
+        raise CheckpointError(
+            f"{d / 'config.json'}: model_type '{found}' (architectures {raw.get('architectures')}) is not "
+            f"'{model_type}'; {loader} loads {model_type} checkpoints only")
+    return d, raw
+
+
+def base_state(state: dict[str, torch.Tensor], prefix: str,
+               head_tensors: Iterable[str] = HEAD_TENSORS) -> dict[str, torch.Tensor]:
+    """The base model's tensors of a checkpoint: `prefix` stripped when present, known head tensors dropped.
+
+    A checkpoint with no prefixed tensor is returned as is (it is already a base checkpoint)."""
+    if not any(k.startswith(prefix) for k in state):
+        return dict(state)
+    heads = [re.compile(p) for p in head_tensors]
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            out[k[len(prefix):]] = v
+        elif not any(p.search(k) for p in heads):
+            out[k] = v  # not a known head: left in, so strict loading reports it
+    return out

@@ -21,9 +21,11 @@ Sources: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021);
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -31,11 +33,16 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
-from minillm.nf4 import Linear4bit, merge_warning
+from minillm.nf4 import Linear4bit
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
+
+
+def _merge_warning() -> None:
+    warnings.warn("merging LoRA into a 4-bit layer re-quantizes the weight to NF4: the result is lossy "
+                  "(outputs differ from the unmerged model by the quantization error)", UserWarning, stacklevel=4)
 
 
 class LoRALinear(nn.Module):
@@ -58,6 +65,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.disabled = False  # True: compute the frozen base layer only (adapters_disabled), as torchtune/peft
 
     def delta_weight(self) -> torch.Tensor:
         """(α/r) · B A, shape (out, in)."""
@@ -65,7 +73,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         x = x.to(self.lora_A.weight.dtype)
         return (result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(result.dtype)
@@ -75,7 +83,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         if isinstance(self.base_layer, Linear4bit):
-            merge_warning()
+            _merge_warning()
             w = self.base_layer.dequantize_weight(torch.float32)
             self.base_layer.set_weight(w + self.delta_weight().float())
         else:
@@ -88,7 +96,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         if isinstance(self.base_layer, Linear4bit):
-            merge_warning()
+            _merge_warning()
             w = self.base_layer.dequantize_weight(torch.float32)
             self.base_layer.set_weight(w - self.delta_weight().float())
         else:
@@ -231,11 +239,10 @@ def trainable_report(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _fan_in_fan_out(model: nn.Module, names: list[str]) -> bool:
-    """True where the hub stores these layers as Conv1D (GPT-2), as peft records it."""
-    if getattr(getattr(model, "config", None), "model_type", None) != "gpt2":
-        return False
-    from minillm.models.gpt2 import TRANSPOSED
-    return any(re.search(p, n + ".weight") for p in TRANSPOSED for n in names)
+    """True where the hub stores these layers transposed (GPT-2's Conv1D), as peft records it. A model
+    declares such weights in a class attribute `hub_transposed` (regexes of parameter names)."""
+    patterns = {p for m in model.modules() for p in getattr(type(m), "hub_transposed", ())}
+    return any(re.search(p, n + ".weight") for p in patterns for n in names)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -350,3 +357,28 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Mod
             m.alpha, m.use_rslora = alpha, rslora
             m.scaling = alpha / math.sqrt(m.r) if rslora else alpha / m.r
     return model
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    """Every LoRA layer of a model (empty when it has none)."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every LoRA layer computes its frozen base layer only (the `disabled` flag, checked
+    in LoRALinear.forward): the model IS the pre-LoRA reference, with no second copy of the base weights
+    (PPO's reference for a LoRA policy; peft's `disable_adapter`, torchtune's `disable_adapter`)."""
+    mods = lora_layers(model)
+    merged = [m for m in mods if m.merged]
+    if merged:
+        raise ValueError(f"{len(merged)} LoRA adapter(s) are merged into their base weights, so the base model is "
+                         f"gone; unmerge_lora(model) first")
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b

@@ -448,8 +448,3 @@ def format_memory_report(model: nn.Module) -> str:
     return (f"NF4 weights: {r['nf4_params']:,} params in {r['nf4_bytes']:,} bytes "
             f"({r['nf4_bytes_per_param']:.4f} bytes/param); other tensors {r['other_bytes']:,} bytes; "
             f"total {r['total_bytes'] / 2**20:.1f} MiB")
-
-
-def merge_warning() -> None:
-    warnings.warn("merging LoRA into a 4-bit layer re-quantizes the weight to NF4: the result is lossy "
-                  "(outputs differ from the unmerged model by the quantization error)", UserWarning, stacklevel=3)

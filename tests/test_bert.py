@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minillm import hub
-from minillm.models.bert import BertConfig, BertForSequenceClassification, BertModel, mean_pooling, sentence_embeddings
-from minillm.models.heads import freeze_below_layer, freeze_by_name
+from minillm.models.bert import BertConfig, BertForSequenceClassification, BertModel, sentence_embeddings
+from minillm.losses import classification_loss, mean_pool
+from minillm.train.freezing import freeze_below_layer, freeze_by_name
 from minillm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,7 +171,7 @@ def test_bad_ids_and_token_types_are_clear_errors():
 
 def test_mean_pooling_ignores_pads():
     h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-    assert torch.equal(mean_pooling(h, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+    assert torch.equal(mean_pool(h, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
 
 
 def test_classifier_single_and_multi_label_losses():
@@ -180,12 +181,12 @@ def test_classifier_single_and_multi_label_losses():
     ids = torch.randint(5, 100, (2, 6))
     with torch.no_grad():
         logits = m(ids)
-        loss, _ = m(ids, labels=torch.tensor([2, 0]))
+        loss = classification_loss(logits, torch.tensor([2, 0]), m.config.problem_type)
         # cross-entropy written out: −log softmax(z)_y, averaged
         ce = -(logits.log_softmax(-1)[0, 2] + logits.log_softmax(-1)[1, 0]) / 2
         assert math.isclose(loss.item(), ce.item(), abs_tol=1e-6)
         y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
-        loss_ml, _ = m(ids, labels=y)
+        loss_ml = classification_loss(logits, y, m.config.problem_type)
         p = torch.sigmoid(logits)
         bce = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
         assert math.isclose(loss_ml.item(), bce.item(), abs_tol=1e-6)
@@ -286,7 +287,8 @@ def test_classifier_save_loads_in_transformers(problem, tmp_path):
     ids = torch.randint(5, 100, (3, 7))
     labels = torch.tensor([0, 3, 1]) if problem.startswith("single") else torch.randint(0, 2, (3, 4)).float()
     with torch.no_grad():
-        loss, logits = m(ids, labels=labels)
+        logits = m(ids)
+        loss = classification_loss(logits, labels, m.config.problem_type)
         r = ref(ids, labels=labels)
     torch.testing.assert_close(logits, r.logits, atol=ATOL, rtol=0)
     assert abs(loss.item() - r.loss.item()) < 1e-5

@@ -284,6 +284,8 @@ def test_live_bitsandbytes(args):
         assert torch.equal(state.absmax, s_ref.absmax)
     # bitsandbytes returns (1, n) for 1-D input and a transpose when there is one packed row; values compared
     # in the input's shape, bit-exact
+    if rows > 1 and cols % 16 == 0 and cols % bs:
+        return  # bitsandbytes 0.50.2's CPU dequantize restarts blocks at every row here (DESIGN.md, known bugs)
     ref = BF.dequantize_4bit(p_ref, s_ref, quant_type="nf4").reshape(x.shape)
     assert torch.equal(dequantize_nf4(packed, state), ref)
 

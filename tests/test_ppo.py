@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from minillm.rlhf.gae import compute_gae, masked_mean, masked_var, whiten
+from minillm.losses import entropy as entropy_from_logits, masked_mean, masked_var, whiten
+from minillm.rlhf.gae import compute_gae
 from minillm.rlhf.kl import AdaptiveKLController, FixedKLController, compute_rewards, kl_penalty
-from minillm.rlhf.ppo import (PPOConfig, PPOTrainer, PolicyWithValueHead, entropy_from_logits, policy_loss,
+from minillm.rlhf.ppo import (PPOConfig, PPOTrainer, PolicyWithValueHead, policy_loss,
                               response_mask_from, value_loss)
 
 G = load_file(str(Path(__file__).parent / "golden" / "rlhf.safetensors"))
@@ -262,7 +263,7 @@ def test_negative_kl_warns_and_bad_scores_raise(one_thread):
 
 def test_lora_policy_reference_is_the_base_with_adapters_off(one_thread):
     from minillm.lora import apply_lora
-    from minillm.rlhf.ppo import adapters_disabled
+    from minillm.lora import adapters_disabled
     tr0 = _trainer(lambda p, r: torch.zeros(len(r)))
     base = tr0.ref_model  # the deep copy = the weights before LoRA
     lm = tr0.policy.model

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from minillm.rlhf.reward import (RewardModel, last_token_index, pairwise_accuracy, pairwise_margin_loss,
+from minillm.losses import last_token_index
+from minillm.rlhf.reward import (RewardModel, pairwise_accuracy, pairwise_margin_loss,
                                  rankings_to_pairs)
 
 GOLDEN = Path(__file__).parent / "golden" / "rlhf.safetensors"

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from minillm.losses import lm_loss, mean_pool as masked_mean
 from minillm.models.vqa import (FREEZE_MODES, MultiModalModel, VQACollator, answer_texts, format_answer,
-                                format_prediction, greedy_answer, lm_loss, make_labels, masked_mean,
+                                format_prediction, greedy_answer, make_labels,
                                 to_pixel_values)
 from vqa_standins import StandInConfig, StandInImageEncoder, StandInTextEncoder
 

@@ -40,7 +40,8 @@ from minillm.demos import synthetic_reviews as sr
 from minillm.demos.rlhf_report import plot_curves, summary_table, write_report
 from minillm.generation import generate
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, logprobs_from_logits, response_mask_from
+from minillm.losses import next_token_logprobs
+from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, response_mask_from
 from minillm.rlhf.reward import RewardModel, RewardScorer, rankings_to_pairs, train_reward_model
 from minillm.tokenizer import Tokenizer
 
@@ -254,8 +255,8 @@ def sequence_kl(model, ref, tok: Tokenizer, prompts: list[str], responses: list[
     resp = tok.pad([tok.encode(r) for r in responses], padding_side="right")
     ids = torch.cat([P_enc["input_ids"], resp["input_ids"]], 1)
     attn = torch.cat([P_enc["attention_mask"], resp["attention_mask"]], 1)
-    lp = logprobs_from_logits(model(ids, attention_mask=attn)[:, P - 1:-1], resp["input_ids"])
-    lr = logprobs_from_logits(ref(ids, attention_mask=attn)[:, P - 1:-1], resp["input_ids"])
+    lp = next_token_logprobs(model(ids, attention_mask=attn), ids, start=P)  # (B, R)
+    lr = next_token_logprobs(ref(ids, attention_mask=attn), ids, start=P)
     return ((lp - lr) * resp["attention_mask"]).sum(-1).tolist()
 
 

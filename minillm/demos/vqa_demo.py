@@ -35,7 +35,8 @@ from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from minillm.demos import shapes
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from minillm.models.vqa import VQACollator, MultiModalModel, answer_texts, greedy_answer, lm_loss
+from minillm.losses import lm_loss
+from minillm.models.vqa import VQACollator, MultiModalModel, answer_texts, greedy_answer
 from minillm.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"

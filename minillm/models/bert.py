@@ -29,10 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import hub
+from minillm.losses import mean_pool
 from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.gpt2 import ACTIVATIONS
-from minillm.models.heads import classification_loss
-from minillm.models.pretrained import EncoderOutput, base_state, init_weights, key_mask, read_checked_config
+from minillm.models.layers import ACTIVATIONS, EncoderOutput, check_input_ids, init_weights, key_mask, run_layers
 
 IGNORED = [r"^embeddings\.position_ids$"]  # an old buffer (0..511) some checkpoints carry; we build positions
 
@@ -195,7 +194,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 return_pooled: bool = False, output_attentions: bool = False):
         cfg = self.config
-        hub.checked_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
         B, T = input_ids.shape
         dev = input_ids.device
         if token_type_ids is None:
@@ -211,11 +210,7 @@ class BertModel(nn.Module):
             position_ids = torch.arange(T, device=dev)[None]  # (1, T): BERT counts positions from 0, pads included
         mask = key_mask(attention_mask, B, T, dev)  # bool (B, 1, 1, T) or None
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        attentions = [] if output_attentions else None
-        for layer in self.encoder.layer:
-            x, w = layer(x, mask, output_attentions)
-            if output_attentions:
-                attentions.append(w)
+        x, attentions = run_layers(self.encoder.layer, x, mask, output_attentions)
         if not (return_pooled or output_attentions):
             return x
         pooled = self.pooler(x) if (return_pooled and self.pooler is not None) else None
@@ -229,9 +224,9 @@ class BertModel(nn.Module):
                         **overrides) -> "BertModel":
         """Load a BERT checkpoint (BertModel layout, or a task layout with the `bert.` prefix; its heads are
         skipped). The pooler is built when the checkpoint has one. `overrides` change config keys (use_sdpa=...)."""
-        d, raw = read_checked_config(name_or_path, "bert", cls.__name__)
+        d, raw = hub.read_config_of(name_or_path, "bert", cls.__name__)
         cfg = hub.config_from_dict(BertConfig, {**raw, **overrides}, str(d / "config.json"))
-        state = base_state(hub.load_safetensors(d), "bert.")
+        state = hub.base_state(hub.load_safetensors(d), "bert.")
         model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
         hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
         model.source_dir = d
@@ -244,14 +239,6 @@ class BertModel(nn.Module):
         return d
 
 
-def mean_pooling(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean of the hidden states (B, T, H) over real tokens -> (B, H) (sentence-transformers' mean pooling)."""
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-
-
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, tokenizer, sentences: Sequence[str], normalize: bool = True,
                         max_length: int = 256, batch_size: int = 32) -> torch.Tensor:
@@ -262,15 +249,14 @@ def sentence_embeddings(model: nn.Module, tokenizer, sentences: Sequence[str], n
     for i in range(0, len(sentences), batch_size):
         enc = tokenizer.pad(tokenizer.encode_truncated(sentences[i:i + batch_size], max_length), padding_side="right")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        emb = mean_pooling(model(ids, attention_mask=mask).float(), mask)
+        emb = mean_pool(model(ids, attention_mask=mask).float(), mask)
         out.append(F.normalize(emb, p=2, dim=-1) if normalize else emb)
     return torch.cat(out).cpu()
 
 
 class BertForSequenceClassification(nn.Module):
     """BERT + dropout + linear on the pooled [CLS] vector -> logits (B, num_labels); hub names `bert.*`,
-    `classifier.*`. forward(..., labels=None) -> logits, or (loss, logits) with labels: cross-entropy for
-    single-label, BCE-with-logits for multi-label (config.problem_type, else inferred from the labels)."""
+    `classifier.*`. forward(...) -> logits; the loss for config.problem_type is losses.classification_loss."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -281,12 +267,9 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
         init_weights(self.classifier, cfg.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_pooled=True)
-        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
-        if labels is None:
-            return logits
-        return classification_loss(logits, labels, self.config.problem_type), logits
+        return self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, num_labels: Optional[int] = None, problem_type: Optional[str] = None,
@@ -294,7 +277,7 @@ class BertForSequenceClassification(nn.Module):
                         **overrides) -> "BertForSequenceClassification":
         """Load a BERT checkpoint; a base checkpoint gets a new, randomly initialized classifier with
         `num_labels` outputs (the checkpoint's own labels otherwise)."""
-        d, raw = read_checked_config(name_or_path, "bert", cls.__name__)
+        d, raw = hub.read_config_of(name_or_path, "bert", cls.__name__)
         raw = {**raw, **overrides}
         if num_labels is not None and (not raw.get("id2label") or len(raw["id2label"]) != num_labels):
             raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}

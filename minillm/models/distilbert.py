@@ -27,9 +27,7 @@ import torch.nn as nn
 
 from minillm import hub
 from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.gpt2 import ACTIVATIONS
-from minillm.models.heads import classification_loss
-from minillm.models.pretrained import EncoderOutput, base_state, init_weights, key_mask, read_checked_config
+from minillm.models.layers import ACTIVATIONS, EncoderOutput, check_input_ids, init_weights, key_mask, run_layers
 
 IGNORED = [r"^embeddings\.position_ids$"]
 
@@ -171,27 +169,23 @@ class DistilBertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, output_attentions: bool = False):
         cfg = self.config
-        hub.checked_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
         mask = key_mask(attention_mask, B, T, input_ids.device)
         x = self.embeddings(input_ids, position_ids)
-        attentions = [] if output_attentions else None
-        for layer in self.transformer.layer:
-            x, w = layer(x, mask, output_attentions)
-            if output_attentions:
-                attentions.append(w)
+        x, attentions = run_layers(self.transformer.layer, x, mask, output_attentions)
         return EncoderOutput(x, None, attentions) if output_attentions else x
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: Optional[torch.dtype] = None, device=None,
                         **overrides) -> "DistilBertModel":
         """Load a DistilBERT checkpoint (DistilBertModel layout, or a task layout under `distilbert.`)."""
-        d, raw = read_checked_config(name_or_path, "distilbert", cls.__name__)
+        d, raw = hub.read_config_of(name_or_path, "distilbert", cls.__name__)
         cfg = hub.config_from_dict(DistilBertConfig, {**raw, **overrides}, str(d / "config.json"))
         model = cls(cfg)
-        state = base_state(hub.load_safetensors(d), "distilbert.")
+        state = hub.base_state(hub.load_safetensors(d), "distilbert.")
         hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
         model.source_dir = d
         return model.to(device=device, dtype=dtype)
@@ -204,8 +198,8 @@ class DistilBertModel(nn.Module):
 
 class DistilBertForSequenceClassification(nn.Module):
     """DistilBERT + pre_classifier + ReLU + dropout + classifier on the [CLS] vector -> logits (B, num_labels).
-    forward(..., labels=None) -> logits, or (loss, logits): cross-entropy (single-label) or BCE-with-logits
-    (multi-label, the book's genres)."""
+    forward(...) -> logits; the loss for config.problem_type (cross-entropy single-label, BCE-with-logits
+    multi-label: the book's genres) is losses.classification_loss."""
 
     def __init__(self, cfg: DistilBertConfig):
         super().__init__()
@@ -217,19 +211,16 @@ class DistilBertForSequenceClassification(nn.Module):
         init_weights(self.pre_classifier, cfg.initializer_range)
         init_weights(self.classifier, cfg.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None):
         h = self.distilbert(input_ids, attention_mask=attention_mask)
         x = self.dropout(torch.relu(self.pre_classifier(h[:, 0])))  # (B, dim)
-        logits = self.classifier(x)  # (B, num_labels)
-        if labels is None:
-            return logits
-        return classification_loss(logits, labels, self.config.problem_type), logits
+        return self.classifier(x)  # (B, num_labels)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, num_labels: Optional[int] = None, problem_type: Optional[str] = None,
                         dtype: Optional[torch.dtype] = None, device=None,
                         **overrides) -> "DistilBertForSequenceClassification":
-        d, raw = read_checked_config(name_or_path, "distilbert", cls.__name__)
+        d, raw = hub.read_config_of(name_or_path, "distilbert", cls.__name__)
         raw = {**raw, **overrides}
         if num_labels is not None and (not raw.get("id2label") or len(raw["id2label"]) != num_labels):
             raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}

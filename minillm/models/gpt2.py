@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from minillm import hub
+from minillm.models.layers import ACTIVATIONS, check_input_ids
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
                                split_heads)
 
@@ -72,13 +73,6 @@ class GPT2Config:
         return d
 
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
 
 
 class GPT2Attention(nn.Module):
@@ -180,7 +174,7 @@ class GPT2Model(nn.Module):
                 encoder_hidden_states=None, encoder_attention_mask=None):
         cfg = self.cfg
         past = cache.seq_len if cache is not None else 0
-        hub.checked_ids(input_ids, cfg.vocab_size, cfg.n_positions, past=past)
+        check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, past=past)
         B, T = input_ids.shape
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
@@ -225,6 +219,9 @@ def positions_from_mask(attention_mask, past: int, T: int, device) -> torch.Tens
 class GPT2LMHeadModel(nn.Module):
     """GPT-2 with the tied language-model head. forward(input_ids, attention_mask) -> logits (B, T, vocab)."""
 
+    hub_transposed = TRANSPOSED  # Conv1D weights, stored (in, out) on the hub (LoRA's fan_in_fan_out reads it)
+    lora_targets = ("c_attn", "c_proj", "c_fc")  # every linear of the attention and MLP blocks
+
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.config = cfg
@@ -244,12 +241,17 @@ class GPT2LMHeadModel(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                encoder_hidden_states=None, encoder_attention_mask=None, return_hidden: bool = False):
-        h = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                             encoder_hidden_states=encoder_hidden_states,
-                             encoder_attention_mask=encoder_attention_mask)
-        logits = self.lm_head(h)  # (B, T, vocab)
-        return (logits, h) if return_hidden else logits
+                encoder_hidden_states=None, encoder_attention_mask=None) -> torch.Tensor:
+        """-> logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache, encoder_hidden_states,
+                                               encoder_attention_mask))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
+                      encoder_hidden_states=None, encoder_attention_mask=None) -> torch.Tensor:
+        """-> the last hidden states (B, T, C), after ln_f: what the LM head, a value head or a reward head reads."""
+        return self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                encoder_hidden_states=encoder_hidden_states,
+                                encoder_attention_mask=encoder_attention_mask)
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Activation (gradient) checkpointing: in training, each block keeps only its input and recomputes

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 from minillm import hub
 from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.gpt2 import ACTIVATIONS
-from minillm.models.pretrained import EncoderOutput, base_state, init_weights, read_checked_config
+from minillm.models.layers import ACTIVATIONS, EncoderOutput, init_weights, run_layers
 
 IGNORED = [r"^embeddings\.mask_token$"]  # masked-image-modeling checkpoints carry it; plain encoding never uses it
 
@@ -182,7 +181,7 @@ class ViTLayer(nn.Module):
         self.intermediate = ViTIntermediate(cfg)
         self.output = ViTDense(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_dropout_prob)
 
-    def forward(self, x, return_weights: bool = False):
+    def forward(self, x, mask=None, return_weights: bool = False):  # mask: unused (every patch is real)
         a, w = self.attention(self.layernorm_before(x), return_weights)
         x = x + a
         return x + self.output(self.intermediate(self.layernorm_after(x))), w
@@ -245,11 +244,7 @@ class ViTModel(nn.Module):
                 output_attentions: bool = False):
         self.check_pixels(pixel_values, interpolate_pos_encoding)
         x = self.embeddings(pixel_values.to(self.layernorm.weight.dtype), interpolate_pos_encoding)  # (B, 1+N, H)
-        attentions = [] if output_attentions else None
-        for layer in self.encoder.layer:
-            x, w = layer(x, output_attentions)
-            if output_attentions:
-                attentions.append(w)
+        x, attentions = run_layers(self.encoder.layer, x, None, output_attentions)
         x = self.layernorm(x)
         if not (return_pooled or output_attentions):
             return x
@@ -262,9 +257,9 @@ class ViTModel(nn.Module):
                         **overrides) -> "ViTModel":
         """Load a ViT checkpoint: ViTModel layout (pooler when present: in21k has one, DINO not) or
         ViTForImageClassification (`vit.` prefix; the classifier is skipped)."""
-        d, raw = read_checked_config(name_or_path, "vit", cls.__name__)
+        d, raw = hub.read_config_of(name_or_path, "vit", cls.__name__)
         cfg = hub.config_from_dict(ViTConfig, {**raw, **overrides}, str(d / "config.json"))
-        state = base_state(hub.load_safetensors(d), "vit.")
+        state = hub.base_state(hub.load_safetensors(d), "vit.")
         model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
         hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
         model.source_dir = d

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.losses import mean_pool
 from minillm.models.gpt2 import GPT2LMHeadModel
 
 FREEZE_MODES = ("nothing", "encoders", "decoder", "all")
@@ -46,14 +47,6 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if x.is_floating_point() and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist() if x.dim() > 1 else []
         raise ValueError(f"{name} contains NaN or Inf (batch rows {bad}); check the image files / preprocessing")
-
-
-def masked_mean(h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, T, H), (B, T) 1/0 -> (B, H): the mean over real tokens (the plain mean when mask is None)."""
-    if mask is None:
-        return h.mean(dim=1)
-    m = mask.to(h.dtype)[:, :, None]  # (B, T, 1)
-    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
 class MultiModalModel(nn.Module):
@@ -102,7 +95,7 @@ class MultiModalModel(nn.Module):
         check_finite("text encoder output", text)
         check_finite("image encoder output", image)
         if self.fusion == "mean":
-            t = self.text_projection(masked_mean(text, attention_mask))  # (B, C)
+            t = self.text_projection(mean_pool(text, attention_mask))  # (B, C)
             v = self.image_projection(image.mean(dim=1))  # (B, C)
             return ((t + v) / 2).unsqueeze(1), None  # (B, 1, C)
         t = self.text_projection(text)  # (B, T, C)
@@ -141,15 +134,6 @@ def make_labels(decoder_input_ids: torch.Tensor, decoder_attention_mask: torch.T
     attention mask, not the pad id: GPT-2 pads with its eos token, and the answer's own closing eos must stay
     a target, or the model never learns to stop."""
     return decoder_input_ids.masked_fill(decoder_attention_mask == 0, -100)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts labels[t+1]; -100 ignored. Mean over counted tokens
-    (train.loop.lm_loss_sum divided by its count)."""
-    from minillm.train.loop import lm_loss_sum
-
-    total, n = lm_loss_sum(logits, labels)
-    return total / n.clamp(min=1)
 
 
 # ---- preprocessing ----

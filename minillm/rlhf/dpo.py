@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minillm.losses import next_token_logprobs
+
 
 def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum of log π(token) over response tokens. logits (B, T, V) from the model on input_ids (B, T);
@@ -30,7 +32,7 @@ def sequence_logprob(logits: torch.Tensor, input_ids: torch.Tensor, response_mas
     empty = (response_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"row(s) {empty[:10]} have an empty response")
-    lp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    lp = next_token_logprobs(logits, input_ids)  # (B, T-1)
     return (lp * response_mask[:, 1:].to(lp.dtype)).sum(-1)
 
 

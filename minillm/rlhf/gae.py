@@ -1,4 +1,4 @@
-"""Generalized advantage estimation (GAE) and masked whitening, for PPO on token sequences.
+"""Generalized advantage estimation (GAE), for PPO on token sequences.
 
 Each response token is one step of an episode. The advantage of step t says how much better the
 step turned out than the value head expected; GAE blends n-step estimates with weight λ:
@@ -14,8 +14,7 @@ episode: rewards and values at masked positions are treated as 0 and never reach
 advantage (for right-padded responses this is exactly trl's `compute_advantages`), and
 advantages/returns at masked positions are 0.
 
-Whitening: (x − mean) / sqrt(var + 1e-8) over the unmasked entries, with the *unbiased* masked
-variance (Bessel's n/(n−1)), as trl's `masked_whiten` does.
+Whitening of the advantages (losses.whiten) happens after, in PPO's update.
 
 Sources: Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage
 Estimation" (2016), eq. 16; trl v0.11 `PPOTrainer.compute_advantages` and `core.masked_whiten`.
@@ -59,35 +58,3 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         advantages[:, t] = (delta + gamma * lam * next_adv) * m[:, t]
     returns = (advantages + values) * m
     return advantages, returns
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    if dim is None:
-        n = m.sum()
-        if n == 0:
-            raise ValueError("masked_mean: the mask selects no entries")
-        return (x * m).sum() / n
-    return (x * m).sum(dim) / m.sum(dim)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance over the unmasked entries; unbiased (n/(n−1)) by default, as trl's masked_var."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.to(x.dtype).sum()
-        if n < 2:
-            raise ValueError(f"masked_var: unbiased variance needs at least 2 unmasked entries, got {int(n)}")
-        var = var * n / (n - 1)
-    return var
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, unbiased: bool = True) -> torch.Tensor:
-    """(x − mean)/sqrt(var + 1e-8) over unmasked entries; shift_mean=False adds the mean back (scale only).
-    Masked entries are returned as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=unbiased)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from minillm.losses import last_token_index
+
 KL_ESTIMATORS = ("k1", "abs", "mse", "k3", "full")
 
 
@@ -61,17 +63,6 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, estimator: str 
     return torch.expm1(-log_r) + log_r  # k3: (π_ref/π − 1) − log(π_ref/π)
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) position of the last 1 in each row of a (B, T) mask; an all-zero row is an error."""
-    empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"response row(s) {empty[:10]} are empty (mask all zero): every response needs at "
-                         f"least one token (an immediate EOS counts as one)")
-    T = mask.shape[1]
-    pos = torch.arange(T, device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), pos, torch.full_like(pos, -1)).max(-1).values
-
-
 def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                     kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token rewards r_t = −β·KL_t, plus the score at the last response token.
@@ -92,7 +83,7 @@ def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: 
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * m  # (B, T)
     non_score = -kl_coef * kl
     rewards = non_score.clone()
-    idx = last_index(mask)
+    idx = last_token_index(mask)
     rewards[torch.arange(B, device=rewards.device), idx] += scores.to(rewards.dtype)
     return rewards, non_score, kl
 

@@ -35,28 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.rlhf.gae import compute_gae, masked_mean, masked_var, whiten  # noqa: F401  (compute_gae re-exported)
+from minillm.lora import adapters_disabled, lora_layers
+from minillm.losses import entropy, masked_mean, masked_var, next_token_logits, token_logprobs, whiten
+from minillm.rlhf.gae import compute_gae  # noqa: F401  (re-exported: minillm.rlhf.ppo.compute_gae)
 from minillm.rlhf.kl import AdaptiveKLController, FixedKLController, compute_rewards
 
 # ---------------------------------------------------------------------------------------------
 # the pieces of the loss
 # ---------------------------------------------------------------------------------------------
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token]: (B, T, V), (B, T) -> (B, T)."""
-    return F.log_softmax(_at_least_fp32(logits), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) − Σ softmax(z)·z, per position: (…, V) -> (…)."""
-    logits = _at_least_fp32(logits)
-    p = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -107,7 +93,7 @@ class ValueHead(nn.Module):
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM (minillm GPT2LMHeadModel: forward(..., return_hidden=True) -> (logits, hidden)) plus a value head
+    """A causal LM (hidden_states(ids, mask) -> (B, T, H) and lm_head(hidden) -> logits) plus a value head
     on the same last hidden states, as trl's AutoModelForCausalLMWithValueHead."""
 
     def __init__(self, model: nn.Module, hidden_size: Optional[int] = None):
@@ -119,38 +105,8 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """-> logits (B, T, V), values (B, T)"""
-        logits, h = self.model(input_ids, attention_mask=attention_mask, return_hidden=True)
-        return logits, self.v_head(h)
-
-
-def lora_modules(model: nn.Module) -> list[nn.Module]:
-    from minillm.lora import LoRALinear
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def has_lora(model: nn.Module) -> bool:
-    try:
-        return bool(lora_modules(model))
-    except ImportError:
-        return False
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """Within the block every LoRA wrapper computes its frozen base layer only (the low-rank path is skipped):
-    the model IS the pre-LoRA reference, with no second copy of the base weights."""
-    mods = lora_modules(model)
-    merged = [m for m in mods if m.merged]
-    if merged:
-        raise ValueError(f"{len(merged)} LoRA adapter(s) are merged into their base weights, so the reference is "
-                         f"gone; unmerge_lora(model) before PPO, or pass ref_model=...")
-    for m in mods:
-        m.forward = m.base_layer.forward  # an instance attribute shadows LoRALinear.forward
-    try:
-        yield model
-    finally:
-        for m in mods:
-            del m.forward
+        h = self.model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, H)
+        return self.model.lm_head(h), self.v_head(h)
 
 
 def reference_context(policy_model: nn.Module, ref_model: Optional[nn.Module]):
@@ -232,7 +188,7 @@ class PPOTrainer:
     def __init__(self, policy: PolicyWithValueHead, tokenizer, score_fn: Callable[[list[str], list[str]], torch.Tensor],
                  config: PPOConfig, ref_model: Optional[nn.Module] = None, generator: Optional[torch.Generator] = None):
         self.policy, self.tok, self.score_fn, self.cfg = policy, tokenizer, score_fn, config
-        if ref_model is None and not has_lora(policy.model):
+        if ref_model is None and not lora_layers(policy.model):
             ref_model = copy.deepcopy(policy.model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -250,8 +206,7 @@ class PPOTrainer:
 
     # ---- forward passes over [prompt | response] ----
     def _response_logits(self, model_out_logits: torch.Tensor, P: int) -> torch.Tensor:
-        # the logits at position i predict token i+1: response token j comes from position P−1+j
-        return model_out_logits[:, P - 1:-1] / self.cfg.temperature  # (B, R, V)
+        return next_token_logits(model_out_logits, P) / self.cfg.temperature  # (B, R, V): response tokens' logits
 
     @torch.no_grad()
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
@@ -269,16 +224,16 @@ class PPOTrainer:
         logits, values = policy(seq, attn)
         rlogits = self._response_logits(logits, P)
         tokens = seq[:, P:]
-        logprobs = logprobs_from_logits(rlogits, tokens)
-        entropy = entropy_from_logits(rlogits)
+        logprobs = token_logprobs(rlogits, tokens)
+        ent = entropy(rlogits)
         with reference_context(policy.model, self.ref_model):
             ref = self.ref_model if self.ref_model is not None else policy.model
             ref_logits = self._response_logits(ref(seq, attention_mask=attn), P)
         if cfg.kl_estimator == "full":
             ref_lp = F.log_softmax(ref_logits.float(), -1)
         else:
-            ref_lp = logprobs_from_logits(ref_logits, tokens)
-        return Rollout(seq, attn, P, rmask, logprobs, ref_lp, values[:, P - 1:-1].float(), entropy)
+            ref_lp = token_logprobs(ref_logits, tokens)
+        return Rollout(seq, attn, P, rmask, logprobs, ref_lp, next_token_logits(values, P).float(), ent)
 
     def decode(self, ro: Rollout) -> tuple[list[str], list[str]]:
         """Prompts (pads stripped) and responses (up to and including EOS) as text."""
@@ -334,12 +289,12 @@ class PPOTrainer:
                 idx = perm[s:s + mb].to(ro.sequences.device)
                 logits, vpred = self.policy(ro.sequences[idx], ro.attention_mask[idx])
                 rlogits = self._response_logits(logits, ro.prompt_len)
-                lp = logprobs_from_logits(rlogits, ro.responses[idx])
-                vpred = vpred[:, ro.prompt_len - 1:-1].float()
+                lp = token_logprobs(rlogits, ro.responses[idx])
+                vpred = next_token_logits(vpred, ro.prompt_len).float()
                 m = mask[idx]
                 pg, pstats = policy_loss(lp, ro.logprobs[idx], advantages[idx], m, cfg.cliprange)
                 vf, vstats = value_loss(vpred, ro.values[idx], returns[idx], m, cfg.cliprange_value)
-                ent = masked_mean(entropy_from_logits(rlogits), m)
+                ent = masked_mean(entropy(rlogits), m)
                 loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import hub
+from minillm.losses import last_token_index
 
 
 def _check_pair_tensors(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
@@ -99,18 +100,6 @@ def rankings_to_pairs(responses: Sequence, scores: Optional[Sequence[float]] = N
     return pairs
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last position whose mask is 1 — right or left padding alike. Empty rows raise."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (B, T), got {tuple(attention_mask.shape)}")
-    empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"row(s) {empty[:10]} have no tokens (attention_mask all zero): empty text cannot be scored")
-    T = attention_mask.shape[1]
-    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=-1).values
-
-
 class RewardModel(nn.Module):
     """backbone + linear head -> one scalar per sequence.
 
@@ -129,11 +118,9 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(hidden_size + 1))
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        body = getattr(self.backbone, "transformer", self.backbone)  # GPT2LMHeadModel -> GPT2Model
-        h = body(input_ids, attention_mask=attention_mask)
-        if isinstance(h, (tuple, list)):
-            h = h[0]
-        return h  # (B, T, H)
+        if hasattr(self.backbone, "hidden_states"):  # a causal LM: its body's last hidden states, not the logits
+            return self.backbone.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, H)
+        return self.backbone(input_ids, attention_mask=attention_mask)  # an encoder: (B, T, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """-> rewards (B,)"""

@@ -57,10 +57,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from minillm.hub import CheckpointError
+from minillm.losses import lm_loss_sum
 from minillm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from minillm.train.device import pick_device
 from minillm.train.schedule import SCHEDULES, lr_factor
@@ -122,20 +122,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the run stopped before updating the weights."""
 
 
-# ---- losses ----
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over positions whose label is not -100, and their count.
-
-    Token t predicts label t+1. Rather than slicing the big logits (a copy of B·T·V floats), the
-    labels move one step left with a -100 appended, so the last position predicts nothing (as
-    transformers does). Computed in fp32 (or fp64 when given fp64)."""
-    V = logits.shape[-1]
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B·T,)
-    logits = logits.reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
-    loss = F.cross_entropy(logits, shift_labels, ignore_index=-100, reduction="sum")
-    return loss, (shift_labels != -100).sum()
-
-
+# ---- the loss_fn for causal LMs ----
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """loss_fn for causal LMs: batch has input_ids, attention_mask, labels (-100 = no loss)."""
     mask = batch.get("attention_mask")

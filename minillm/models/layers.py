@@ -1,0 +1,112 @@
+"""Pieces every transformer in minillm shares: activations, initialisation, input checks, masks, the layer loop.
+
+A transformer layer maps hidden states (B, T, H) to (B, T, H); a model is embeddings, a stack of
+such layers, and a head. What differs between GPT-2, BERT, DistilBERT, ViT, T5, RoBERTa and Llama
+is inside the layer; what stays the same lives here, written once:
+
+    act(x)          gelu (erf), gelu_new / gelu_pytorch_tanh (tanh approximation), relu, silu
+    init            W ~ N(0, σ²) for linear / embedding / conv weights, b = 0, LayerNorm γ = 1, β = 0
+    key mask        (B, T) 1/0 -> bool (B, 1, 1, T), True where a key may be attended to
+    layer loop      x_l, w_l = layer_l(x_{l-1}, mask);  optionally collect each layer's attention weights
+
+Source: Hendrycks & Gimpel, "Gaussian Error Linear Units" (2016) for gelu and its tanh
+approximation; Ramachandran et al., "Searching for Activation Functions" (2017) for silu;
+transformers' ACT2FN names.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillm.attention import padding_mask
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str, where: str = "config") -> callable:
+    """The activation function a hub config names; an unknown name is a clear error."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation '{name}' not supported (one of {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class EncoderOutput:
+    """What an encoder returns when asked for more than its last hidden state.
+
+    last_hidden_state (B, T, H); pooler_output (B, H) or None (no pooler in the checkpoint);
+    attentions: one (B, nh, T, T) weight tensor per layer, or None."""
+
+    def __init__(self, last_hidden_state: torch.Tensor, pooler_output=None, attentions=None):
+        self.last_hidden_state = last_hidden_state
+        self.pooler_output = pooler_output
+        self.attentions = attentions
+
+    def __iter__(self):
+        return iter((self.last_hidden_state, self.pooler_output, self.attentions))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT-style initialisation: N(0, std) for linear/embedding/conv weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+            if getattr(m, "padding_idx", None) is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()  # the pad token's embedding starts at zero
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int, max_positions: Optional[int], what: str = "input_ids",
+                    past: int = 0) -> None:
+    """Clear errors for token ids outside the vocabulary and sequences longer than the position table
+    (max_positions None: no table, e.g. relative or rotary positions)."""
+    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise TypeError(f"{what} must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{what} must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{what}: token id {hi if hi >= vocab_size else lo} outside the vocabulary [0, {vocab_size})")
+    if max_positions is not None and past + input_ids.shape[1] > max_positions:
+        raise ValueError(f"{what}: sequence length {past + input_ids.shape[1]} exceeds the model's "
+                         f"{max_positions} positions")
+
+
+def key_mask(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
+    """Check a (B, T) 1/0 attention mask; None when absent or all ones (no key is hidden: the fused kernel
+    then runs unmasked), else the bool (B, 1, 1, T) mask, True at real tokens."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)} (batch, seq_len)")
+    if bool(attention_mask.all()):
+        return None
+    return padding_mask(attention_mask.to(device))
+
+
+def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, mask: Optional[torch.Tensor],
+               output_attentions: bool = False) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+    """The encoder loop: each layer(x, mask, return_weights) -> (x, weights). Returns the last hidden state
+    and, when asked, the list of per-layer attention weights (B, nh, T, T)."""
+    attentions = [] if output_attentions else None
+    for layer in layers:
+        x, w = layer(x, mask, output_attentions)
+        if output_attentions:
+            attentions.append(w)
+    return x, attentions
