@@ -17,20 +17,19 @@ from typing import Sequence
 
 import torch
 
-from minillm import hub
+from minillm.hub import CheckpointError
+from minillm.models.auto import load_model, model_type
+
+TEXT_ENCODERS = ("bert", "distilbert")
 
 
 def load_text_encoder(name_or_path: str):
-    """BertModel or DistilBertModel, as config.json's model_type says."""
-    from minillm.models.bert import BertModel
-    from minillm.models.distilbert import DistilBertModel
-    d = hub.resolve(name_or_path)
-    kind = hub.read_config(d).get("model_type")
-    classes = {"bert": BertModel, "distilbert": DistilBertModel}
-    if kind not in classes:
-        raise hub.CheckpointError(f"{d / 'config.json'}: model_type '{kind}' has no attention map here "
-                                  f"(one of {sorted(classes)})")
-    return classes[kind].from_pretrained(d).eval(), d
+    """The encoder a checkpoint's model_type names (BERT, DistilBERT, ...), in eval mode, and its directory."""
+    d, mt = model_type(name_or_path)
+    if mt not in TEXT_ENCODERS:
+        raise CheckpointError(f"{d / 'config.json'}: model_type '{mt}' has no attention map here "
+                              f"(one of {sorted(TEXT_ENCODERS)})")
+    return load_model(str(d), "encoder").eval(), d
 
 
 @torch.no_grad()
@@ -90,3 +89,14 @@ def save_heatmap(tokens: Sequence[str], weights: torch.Tensor, path: str | Path,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def show_attention(name_or_path: str, text: str, layer: int, head: int, add_special_tokens: bool = True,
+                   png: str | None = None) -> None:
+    """Print the attention table (and write a heatmap when `png` is given): `minillm attention`."""
+    tokens, weights = attention_map(name_or_path, text, layer, head, add_special_tokens=add_special_tokens)
+    print(f"{name_or_path}: layer {layer}, head {head} (row = query, column = key; rows sum to 100%)")
+    print(format_table(tokens, weights))
+    if png:
+        path = save_heatmap(tokens, weights, png, title=f"{name_or_path} layer {layer} head {head}")
+        print(f"wrote {path}")

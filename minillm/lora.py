@@ -26,14 +26,15 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from minillm import hub
-from minillm.nf4 import Linear4bit
+from minillm.nf4 import Linear4bit, quantize_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -162,6 +163,61 @@ def apply_lora(model: nn.Module, target_modules: Union[str, Sequence[str]], r: i
         setattr(parent, child, wrapper.train(layer.training))  # an eval-mode model stays in eval mode
     model.lora_config = {"target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
                          "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora}
+    return model
+
+
+QUANTIZATIONS = (None, "nf4")
+
+
+@dataclass
+class AdapterConfig:
+    """How a job adapts a model: full fine-tuning (lora_r = 0), LoRA, or QLoRA (quantize="nf4" + LoRA)."""
+    lora_r: int = 0                          # LoRA rank; 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: Optional[Sequence[str]] = None  # None: the model's `lora_targets` (all attention + MLP linears)
+    quantize: Optional[str] = None           # "nf4": the frozen base linears in 4 bits (QLoRA; needs lora_r)
+
+    def __post_init__(self):
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
+            raise ValueError(f"lora_r must be an integer >= 0, got {self.lora_r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
+        if self.quantize and not self.lora_r:
+            raise ValueError(f"quantize={self.quantize!r} freezes the base weights in 4 bits: it needs LoRA adapters "
+                             f"to train (lora_r > 0)")
+
+
+def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """The `lora_targets` a model class declares (its attention and MLP linears); searched in submodules too,
+    so a reward model or a policy wrapper finds its backbone's."""
+    for m in model.modules():
+        targets = getattr(type(m), "lora_targets", None)
+        if targets:
+            return tuple(targets)
+    raise ValueError(f"{type(model).__name__} declares no lora_targets; pass the module names to adapt")
+
+
+def prepare_adapters(model: nn.Module, config: AdapterConfig, compute_dtype: Optional[torch.dtype] = None,
+                     also_train: Iterable[nn.Parameter] = ()) -> nn.Module:
+    """The one place a job turns adapters on, in place: (1) quantize="nf4": every base linear becomes a frozen
+    Linear4bit computing in `compute_dtype` (QLoRA: NF4, bf16 compute, no double quantization, as the book);
+    (2) lora_r > 0: LoRA on the targets, everything else frozen; (3) `also_train` parameters stay trainable
+    (peft's modules_to_save: new chat-token embeddings, a reward head). lora_r = 0 leaves the model as it is
+    (full fine-tuning). Targets are checked before anything changes."""
+    if not config.lora_r:
+        return model
+    targets = list(config.lora_targets or default_lora_targets(model))
+    _find_targets(model, targets)  # raises, touching nothing, when a target names no linear
+    if config.quantize == "nf4":
+        quantize_model(model, compute_dtype=compute_dtype)
+    apply_lora(model, targets, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    for p in also_train:
+        p.requires_grad_(True)
     return model
 
 

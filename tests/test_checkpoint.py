@@ -14,7 +14,7 @@ import torch
 from minillm.hub import CheckpointError
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minillm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from minillm.train.data import IGNORE, CausalLMCollator
+from minillm.data.sft import IGNORE, CausalLMCollator
 from minillm.train.loop import TrainConfig, causal_lm_loss, make_optimizer, train
 
 

@@ -8,9 +8,10 @@ import torch
 
 from minillm.models.gpt2 import GPT2LMHeadModel
 from minillm.tokenizer import Tokenizer
-from minillm.train.data import (BOT, HUMAN, IGNORE, LATEX_TEMPLATE, STOP, CausalLMCollator, ClassificationCollator,
-                                DataError, add_chat_tokens, encode_classification, encode_sft, label_set,
-                                length_grouped, read_csv, read_jsonl, read_records)
+from minillm.data.batching import length_grouped
+from minillm.data.classification import ClassificationCollator, encode_classification, label_set
+from minillm.data.readers import DataError, read_csv, read_jsonl, read_records
+from minillm.data.sft import BOT, HUMAN, IGNORE, LATEX_TEMPLATE, STOP, CausalLMCollator, add_chat_tokens, encode_sft
 from minillm.train.loop import TrainConfig, causal_lm_loss, train
 
 

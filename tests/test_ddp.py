@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from minillm.hub import save_safetensors
 from minillm.models.gpt2 import GPT2LMHeadModel
-from minillm.train.data import IGNORE, CausalLMCollator
+from minillm.data.sft import IGNORE, CausalLMCollator
 from minillm.train.loop import TrainConfig, causal_lm_loss, setup_distributed, train
 
 

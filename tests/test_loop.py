@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minillm.models.gpt2 import GPT2LMHeadModel
-from minillm.train.data import IGNORE, CausalLMCollator
+from minillm.data.sft import IGNORE, CausalLMCollator
 from minillm.train.loop import (NonFiniteLossError, TrainConfig, accumulate_gradients, causal_lm_loss,
                                 lm_loss_sum, make_optimizer, train)
 from minillm.train.schedule import lr_factor

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from minillm.rlhf.preference_data import join_text, load_pairs, load_prompts
+from minillm.data.readers import DataError
+from minillm.data.preference import join_text, load_pairs, load_prompts
 
 
 def write(tmp_path, rows, name="d.jsonl"):
@@ -25,7 +26,7 @@ def test_pairs_margins(tmp_path):
     ({"prompt": "q", "chosen": " ", "rejected": "b"}, "d.jsonl:2: 'chosen' is an empty response"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "d.jsonl:2: 'margin' must be a finite"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1, "score_rejected": 5}, "d.jsonl:2: score_chosen"),
-    ('{"prompt": ', "d.jsonl:2: not valid JSON"),
+    ('{"prompt": ', "d.jsonl:2: malformed JSON"),
 ])
 def test_pairs_errors_name_the_line(tmp_path, row, msg):
     p = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
@@ -38,7 +39,7 @@ def test_prompts(tmp_path):
     assert load_prompts(write(tmp_path, [{"prompt": "hi"}, '"there"'])) == ["hi", "there"]
     with pytest.raises(ValueError, match="d.jsonl:2"):
         load_prompts(write(tmp_path, [{"prompt": "hi"}, {"prompt": ""}]))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="not found"):
         load_prompts(tmp_path / "nope.jsonl")
 
 

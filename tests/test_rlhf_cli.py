@@ -52,21 +52,24 @@ def test_train_reward_then_ppo(ckpt, tmp_path):
     assert (tmp_path / "pol" / "value_head.safetensors").is_file()
 
 
-def test_ppo_qlora_policy(ckpt, tmp_path):
+def test_ppo_qlora_policy(ckpt, tmp_path, capsys):
     """--lora-r with --nf4: adapters only, NF4 base, reference = adapters off (KL 0 at step 1)."""
     main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
           "--out", str(tmp_path / "rm"), "--epochs", "1", "--device", "cpu"])
     assert main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
                  "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "pol"), "--steps", "2",
                  "--batch-size", "8", "--mini-batch-size", "4", "--ppo-epochs", "1", "--max-new-tokens", "4",
-                 "--lora-r", "4", "--nf4", "--lr", "1e-2", "--device", "cpu"]) == 0
+                 "--lora-r", "4", "--quantize", "nf4", "--lr", "1e-2", "--device", "cpu"]) == 0
     steps = [json.loads(l) for l in open(tmp_path / "pol" / "metrics.jsonl") if '"step"' in l]
     assert abs(steps[0]["kl"]) < 1e-4  # adapters start at B = 0: policy = reference
-    assert (tmp_path / "pol" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "pol" / "model.safetensors").exists()
-    with pytest.raises(ValueError, match="needs LoRA"):
-        main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
-              "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "p2"), "--nf4"])
+    assert (tmp_path / "pol" / "adapter" / "adapter_model.safetensors").is_file()  # peft's files, beside
+    from minillm.models.gpt2 import GPT2LMHeadModel  # the merged policy loads directly
+    merged, base = GPT2LMHeadModel.from_pretrained(str(tmp_path / "pol")), GPT2LMHeadModel.from_pretrained(str(ckpt / "gpt"))
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
+    assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed)
+    assert main(["ppo", "--policy", str(ckpt / "gpt"), "--reward-model", str(tmp_path / "rm"),
+                 "--prompts", str(ckpt / "prompts.jsonl"), "--out", str(tmp_path / "p2"), "--quantize", "nf4"]) == 2
+    assert "needs LoRA" in capsys.readouterr().err
 
 
 def _pairs_accuracy(rm_dir, pairs_file):
@@ -102,17 +105,17 @@ def test_train_reward_lora_bert(ckpt, tmp_path):
     assert _pairs_accuracy(tmp_path / "rm", ckpt / "pairs.jsonl") >= 0.9
 
 
-def test_train_reward_qlora_gpt2(ckpt, tmp_path):
+def test_train_reward_qlora_gpt2(ckpt, tmp_path, capsys):
     """--lora-r --nf4: the backbone is trained as NF4 + LoRA and saved dequantized and merged (full precision);
     the saved reward model loads as a plain one and ranks the pairs."""
     from minillm.models.gpt2 import GPT2LMHeadModel
     from minillm.nf4 import dequantize_nf4, quantize_nf4
     assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
                  "--out", str(tmp_path / "rm"), "--epochs", "3", "--lr", "1e-2", "--batch-size", "16",
-                 "--eval-frac", "0.25", "--lora-r", "4", "--nf4", "--device", "cpu"]) == 0
-    with pytest.raises(ValueError, match="needs LoRA"):
-        main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
-              "--out", str(tmp_path / "rm2"), "--nf4"])
+                 "--eval-frac", "0.25", "--lora-r", "4", "--quantize", "nf4", "--device", "cpu"]) == 0
+    assert main(["train-reward", "--model", str(ckpt / "gpt"), "--data", str(ckpt / "pairs.jsonl"),
+                 "--out", str(tmp_path / "rm2"), "--quantize", "nf4"]) == 2
+    assert "needs LoRA" in capsys.readouterr().err
     base = GPT2LMHeadModel.from_pretrained(str(ckpt / "gpt")).state_dict()
     got = GPT2LMHeadModel.from_pretrained(str(tmp_path / "rm")).state_dict()
     for k, w in base.items():

@@ -2,6 +2,7 @@
 outputs load with from_pretrained, the loss goes down."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 from minillm.cli import main
 from minillm.models.gpt2 import GPT2LMHeadModel
 from minillm.tokenizer import Tokenizer
-from minillm.train.data import BOT, STOP, DataError
+from minillm.data.readers import DataError
+from minillm.data.sft import BOT, STOP
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -39,14 +41,17 @@ def test_sft_chat_completion_only(tmp_path, capsys):
     assert model(ids).shape == (1, ids.shape[1], 515)
 
 
-def test_sft_bad_data_fails_before_training(tmp_path):
+def test_sft_bad_data_fails_before_training(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
-        main(["sft", "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert main(["sft", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert re.search(r"bad\.jsonl:2: malformed JSON", capsys.readouterr().err)
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 200, "completion": " x"}])
-    with pytest.raises(DataError, match=r"long\.jsonl:1: the response is truncated away entirely"):
-        main(["sft", "--data", str(long), "--completion-only", "--out", str(tmp_path / "o")])
+    assert main(["sft", "--data", str(long), "--completion-only", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"long\.jsonl:1: the response is truncated away entirely", err) and "Traceback" not in err
+    with pytest.raises(DataError):  # --debug shows the error itself
+        main(["--debug", "sft", "--data", str(bad), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # nothing started
 
 
@@ -54,7 +59,8 @@ def test_sft_lora(tmp_path):
     pytest.importorskip("minillm.lora")
     data = write_jsonl(tmp_path / "d.jsonl", [{"english": "x squared", "latex": "x^2"}] * 4)
     out = tmp_path / "out"
-    main(["sft", "--data", str(data), "--completion-only", "--lora-r", "4", "--lora-alpha", "8", "--max-steps", "3",
+    main(["sft", "--data", str(data), "--completion-only", "--lora-r", "4", "--lora-alpha", "8", "--lora-targets",
+          "c_attn", "--max-steps", "3",
           "--batch-size", "2", "--lr", "1e-2", "--out", str(out)])
     merged = GPT2LMHeadModel.from_pretrained(str(out))
     base = GPT2LMHeadModel.from_pretrained("tiny-gpt2")
@@ -78,8 +84,8 @@ def test_classify(tmp_path, capsys):
     for k in ("eval_f1_micro", "eval_jaccard_micro", "eval_subset_accuracy", "eval_roc_auc_micro"):
         assert 0.0 <= summary["eval"][k] <= 1.0
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "labels": ["horror"]}])
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: label 'horror' is not in the label set"):
-        main(["classify", "--data", str(data), "--eval-data", str(bad), "--out", str(tmp_path / "o2")])
+    assert main(["classify", "--data", str(data), "--eval-data", str(bad), "--out", str(tmp_path / "o2")]) == 2
+    assert "bad.jsonl:1: label 'horror' is not in the label set" in capsys.readouterr().err
 
 
 def test_sft_qlora_output_loads(tmp_path):

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minillm.losses import lm_loss, mean_pool as masked_mean
-from minillm.models.vqa import (FREEZE_MODES, MultiModalModel, VQACollator, answer_texts, format_answer,
-                                format_prediction, greedy_answer, make_labels,
-                                to_pixel_values)
+from minillm.data.vqa import VQACollator, format_answer, make_labels, to_pixel_values
+from minillm.models.vqa import FREEZE_MODES, MultiModalModel, answer_texts, format_prediction, greedy_answer
 from vqa_standins import StandInConfig, StandInImageEncoder, StandInTextEncoder
 
 ROOT = Path(__file__).resolve().parent.parent

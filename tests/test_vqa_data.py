@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minillm.demos import shapes
-from minillm.demos.vqa_v2 import image_file_name, load_image, load_vqa_v2
+from minillm.data.vqa_v2 import image_file_name, load_image, load_vqa_v2
 
 
 # ---- synthetic shapes ----
@@ -191,7 +191,7 @@ def test_bad_files(tmp_path):
 def test_loader_output_feeds_the_collator(tmp_path):
     """Real-format records -> a training batch; an empty multiple_choice_answer is named by its question id."""
     from minillm.demos.vqa_demo import answer_tokenizer, text_tokenizer
-    from minillm.models.vqa import VQACollator
+    from minillm.data.vqa import VQACollator
     af, qf, folder = fabricate_vqa_v2(tmp_path)
     recs = load_vqa_v2(af, qf, folder, image_size=8, max_questions=2)
     for r in recs:

@@ -5,7 +5,7 @@ majority-answer baseline overall."""
 import pytest
 import torch
 
-from minillm.demos.vqa_demo import VQADemoConfig, accuracy_by_type, format_report, lr_at, run_vqa_demo
+from minillm.demos.vqa_demo import VQADemoConfig, accuracy_by_type, format_report, run_vqa_demo
 
 
 def test_accuracy_by_type_by_hand():
@@ -13,13 +13,6 @@ def test_accuracy_by_type_by_hand():
             {"question_type": "count", "answer": "two"}, {"question_type": "position", "answer": "top left"}]
     acc = accuracy_by_type(recs, ["red", "red", "two", "top"])
     assert acc == {"colour": 0.5, "count": 1.0, "position": 0.0, "overall": 0.5}
-
-
-def test_lr_schedule():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # half-way through the cosine
-    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_quick_demo_learns(tmp_path):
@@ -89,8 +82,8 @@ def test_cli_runs_and_reports_the_baseline(capsys, tmp_path):
     from minillm.cli import main
     from minillm.demos import shapes
     threads = torch.get_num_threads()
-    assert main(["vqa-demo", "--images", "20", "--epochs", "1", "--fusion", "mean", "--no-plot", "--threads", "1",
-                 "--out-dir", str(tmp_path)]) == 0
+    assert main(["vqa-demo", "--n-images", "20", "--epochs", "1", "--fusion", "mean", "--no-plot", "--threads", "1",
+                 "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     train, test = shapes.make_shapes_dataset(20, seed=0)
     base = shapes.majority_baseline(train, test)

@@ -13,7 +13,7 @@
 
 Held-out evaluation (64 prompts never used for training) compares the SFT and PPO policies on
 the proxy reward, the true score, the KL to the reference and distinct-2. Everything lands in
-runs/<name>/: metrics.jsonl, summary.json, report.md, the checkpoints, and curves.png when
+runs/rlhf-demo/ (cfg.out): metrics.jsonl, summary.json, report.md, the checkpoints, and curves.png when
 matplotlib is installed (the report's layout: rlhf_report.py).
 
 Source: Ouyang et al. (2022) and Ziegler et al. (2019) for the pipeline; the book ch. 9–10 and the
@@ -33,23 +33,24 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from minillm import hub
 from minillm.demos import synthetic_reviews as sr
 from minillm.demos.rlhf_report import plot_curves, summary_table, write_report
 from minillm.generation import generate
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from minillm.losses import next_token_logprobs
+from minillm.data.sft import CausalLMCollator
+from minillm.losses import IGNORE_INDEX, next_token_logprobs
 from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, response_mask_from
 from minillm.rlhf.reward import RewardModel, RewardScorer, rankings_to_pairs, train_reward_model
 from minillm.tokenizer import Tokenizer
+from minillm.train.loop import TrainConfig, causal_lm_loss, train
+from minillm.train.runlog import RunLog
 
 
 @dataclass
 class DemoConfig:
-    name: str = "rlhf-demo"
-    out_dir: str = "runs"
+    out: str = "runs/rlhf-demo"      # everything the run writes goes here
     seed: int = 0
     # model
     n_embd: int = 64
@@ -96,24 +97,6 @@ class DemoConfig:
         return cls(**base)
 
 
-class Progress:
-    """One line per event, with elapsed seconds: `[  12.3s] sft  step 100/600  loss 1.234`."""
-
-    def __init__(self, metrics_path: Path, quiet: bool = False):
-        self.t0, self.quiet = time.time(), quiet
-        self.f = open(metrics_path, "w")
-
-    def __call__(self, phase: str, msg: str, **record) -> None:
-        if not self.quiet:
-            print(f"[{time.time() - self.t0:7.1f}s] {phase:<5} {msg}", flush=True)
-        if record:
-            self.f.write(json.dumps({"phase": phase, "time_s": round(time.time() - self.t0, 2), **record}) + "\n")
-            self.f.flush()
-
-    def close(self):
-        self.f.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # (a) tokenizer and SFT
 # ---------------------------------------------------------------------------------------------
@@ -157,38 +140,22 @@ def build_policy(cfg: DemoConfig, tok: Tokenizer) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(gcfg)
 
 
-def sft_batch(tok: Tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded [prompt response EOS] ids, attention mask, labels (−100 on the prompt and padding)."""
-    rows, labels = [], []
+def sft_examples(tok: Tokenizer, pairs: list[tuple[str, str]]) -> list[dict]:
+    """[prompt response EOS] ids with labels −100 on the prompt: completion-only SFT examples for the loop."""
+    out = []
     for p, r in pairs:
         pi, ri = tok.encode(p), tok.encode(r) + [tok.eos_token_id]
-        rows.append(pi + ri)
-        labels.append([-100] * len(pi) + ri)
-    enc = tok.pad(rows, padding_side="right")
-    lab = torch.full_like(enc["input_ids"], -100)
-    for i, l in enumerate(labels):
-        lab[i, :len(l)] = torch.tensor(l)
-    return enc["input_ids"], enc["attention_mask"], lab
+        out.append({"input_ids": pi + ri, "labels": [IGNORE_INDEX] * len(pi) + ri})
+    return out
 
 
-def train_sft(model: GPT2LMHeadModel, tok: Tokenizer, corpus: list, cfg: DemoConfig, log: Progress) -> None:
-    """Completion-only causal-LM loss (the response and its EOS), AdamW with linear decay."""
-    rng = random.Random(cfg.seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * (1 - s / cfg.sft_steps))
-    model.train()
-    for step in range(cfg.sft_steps):
-        ids, attn, labels = sft_batch(tok, rng.sample(corpus, cfg.sft_batch))
-        logits = model(ids, attention_mask=attn)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == cfg.sft_steps - 1:
-            log("sft", f"step {step + 1}/{cfg.sft_steps}  loss {loss.item():.3f}", step=step + 1, loss=loss.item())
+def train_sft(model: GPT2LMHeadModel, tok: Tokenizer, corpus: list, cfg: DemoConfig, log: RunLog) -> None:
+    """Completion-only causal-LM loss (the response and its EOS) with the one training loop: AdamW, warmup then
+    linear decay, gradient clipping."""
+    tcfg = TrainConfig(lr=cfg.sft_lr, weight_decay=0.0, warmup_steps=30, schedule="linear", max_steps=cfg.sft_steps,
+                       batch_size=cfg.sft_batch, max_grad_norm=1.0, seed=cfg.seed + 1, log_every=50, device="cpu")
+    train(model, sft_examples(tok, corpus), CausalLMCollator(tok.pad_token_id), causal_lm_loss, tcfg, log=log,
+          phase="sft")
     model.eval()
 
 
@@ -230,15 +197,15 @@ def label_pairs(prompts: list[str], responses_per_prompt: list[list[str]], rng: 
     return pairs
 
 
-def train_rm(rm: RewardModel, tok: Tokenizer, train: list[dict], test: list[dict], cfg: DemoConfig,
-             log: Progress) -> dict:
+def train_rm(rm: RewardModel, tok: Tokenizer, train_pairs: list[dict], test: list[dict], cfg: DemoConfig,
+             log: RunLog) -> dict:
     def show(r):
         log("rm", f"epoch {r['epoch']}/{cfg.rm_epochs}  loss {r['loss']:.3f}  train acc {r['train_acc']:.3f}  "
                   f"held-out acc {r['eval_acc']:.3f}", epoch=r["epoch"], loss=r["loss"], train_acc=r["train_acc"],
             heldout_acc=r["eval_acc"])
-    r = train_reward_model(rm, tok, train, test, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch, lr=cfg.rm_lr,
+    r = train_reward_model(rm, tok, train_pairs, test, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch, lr=cfg.rm_lr,
                            center_coef=cfg.rm_center_coef, use_margin=cfg.use_margin, seed=cfg.seed + 2, log=show)
-    return {"heldout_acc": r["eval_acc"], "train_acc": r["train_acc"], "n_train_pairs": len(train),
+    return {"heldout_acc": r["eval_acc"], "train_acc": r["train_acc"], "n_train_pairs": len(train_pairs),
             "n_heldout_pairs": len(test)}
 
 
@@ -306,9 +273,9 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    out = Path(cfg.out_dir) / cfg.name
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = Progress(out / "metrics.jsonl", quiet=quiet)
+    log = RunLog(out / "metrics.jsonl", quiet=quiet)
     log("setup", f"writing to {out}", config=asdict(cfg))
 
     # (a) SFT

@@ -39,7 +39,7 @@ def summary_table(s: dict) -> str:
 def write_report(out: Path, s: dict) -> None:
     ppo = [json.loads(l) for l in open(out / "metrics.jsonl") if '"phase": "ppo"' in l]
     rm = [json.loads(l) for l in open(out / "metrics.jsonl") if '"phase": "rm"' in l and "epoch" in l]
-    lines = [f"# RLHF demo report — {s['config']['name']}", "",
+    lines = [f"# RLHF demo report — {Path(s['config']['out']).name}", "",
              "SFT → labelers → reward model (margin loss) → PPO with a KL penalty, on synthetic reviews. "
              "The true score is the hidden judge the labelers approximate; the proxy reward is the reward model's "
              "(normalized) score.", "", "## Summary", "", "```", summary_table(s), "```", "",

@@ -25,19 +25,20 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+from minillm.data.vqa import VQACollator
 from minillm.demos import shapes
+from minillm.losses import lm_loss_sum
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from minillm.losses import lm_loss
-from minillm.models.vqa import VQACollator, MultiModalModel, answer_texts, greedy_answer
+from minillm.models.vqa import MultiModalModel, answer_texts, greedy_answer
 from minillm.tokenizer import Tokenizer
+from minillm.train.loop import TrainConfig, train
 
 EOT = "<|endoftext|>"
 
@@ -119,43 +120,48 @@ def tiny_decoder(cfg: VQADemoConfig, vocab_size: int, eos_id: int) -> GPT2LMHead
 
 
 # ---- training and evaluation ----
-def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+class FreshScenes:
+    """The training set as the loop sees it: epoch 0 is the split's training scenes; with fresh_scenes, every
+    later epoch draws new scenes from another seed (the synthetic world is unlimited, so the model cannot
+    memorise images). The loop calls set_epoch before each epoch's batches."""
+
+    def __init__(self, train_set: list[dict], cfg: "VQADemoConfig"):
+        self.first, self.cfg, self.records = train_set, cfg, train_set
+        self.n_scenes = len({r["image_id"] for r in train_set})
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == 0 or not self.cfg.fresh_scenes:
+            self.records = self.first
+        else:
+            self.records = shapes.make_shapes_dataset(self.n_scenes, self.cfg.image_size,
+                                                      seed=self.cfg.seed + 1000 * epoch, test_fraction=0.0)[0]
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.records[i]
 
 
-def train(model: MultiModalModel, collate: VQACollator, records: Union[list[dict], Callable[[int], list[dict]]],
-          cfg: VQADemoConfig, device: torch.device, log: Callable[[str], None] = print) -> list[float]:
-    """A plain loop: shuffle, collate, forward, shifted cross-entropy, AdamW step. `records` is the training
-    set, or a function epoch -> that epoch's training set. -> mean loss per epoch."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    data_for = records if callable(records) else (lambda epoch: records)
-    n = len(data_for(0))
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total, step, losses = cfg.epochs * steps_per_epoch, 0, []
-    model.train()
-    for epoch in range(cfg.epochs):
-        data = data_for(epoch)
-        order, running = rng.permutation(len(data)), 0.0
-        for i in range(steps_per_epoch):
-            batch = collate([data[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr)
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                           batch["decoder_input_ids"], batch["decoder_attention_mask"])
-            loss = lm_loss(logits, batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            running += loss.item()
-            step += 1
-        losses.append(running / steps_per_epoch)
-        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
+def vqa_loss_sum(model: MultiModalModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_fn for the training loop: the answer tokens' next-token cross-entropy, summed, and their count."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["decoder_input_ids"],
+                   batch["decoder_attention_mask"])
+    return lm_loss_sum(logits, batch["labels"])
+
+
+def train_vqa(model: MultiModalModel, collate: VQACollator, scenes: FreshScenes, cfg: "VQADemoConfig",
+              device: torch.device, log: Callable[[str], None] = print) -> list[float]:
+    """The one training loop (train/loop.py): AdamW, warmup then cosine decay, clipping. -> mean loss per epoch."""
+    steps_per_epoch = math.ceil(len(scenes) / cfg.batch_size)
+    tcfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule="cosine",
+                       epochs=cfg.epochs, batch_size=cfg.batch_size, max_grad_norm=1.0, seed=cfg.seed,
+                       device=str(device), quiet=True)
+    result = train(model, scenes, collate, vqa_loss_sum, tcfg)
+    losses = [sum(result.losses[e * steps_per_epoch:(e + 1) * steps_per_epoch]) / steps_per_epoch
+              for e in range(cfg.epochs)]
+    for e, loss in enumerate(losses):
+        log(f"  epoch {e + 1}/{cfg.epochs}: loss {loss:.4f}")
     return losses
 
 
@@ -196,6 +202,12 @@ def run_vqa_demo(cfg: VQADemoConfig = VQADemoConfig(), out_dir: Optional[str] = 
     from minillm.train.device import pick_device
 
     device = pick_device(cfg.device)
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            log("(no figures: matplotlib is not installed; pip install 'minillm[plots]')")
+            plot = False
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -209,13 +221,6 @@ def _run(cfg, device, out_dir, plot, log, build_encoders, report: bool = True) -
     build_encoders = build_encoders or tiny_encoders
     train_set, test_set = shapes.make_shapes_dataset(cfg.n_images, cfg.image_size, seed=cfg.seed)
 
-    def training_scenes(epoch: int) -> list[dict]:
-        """Epoch 0: the split's training scenes; later epochs (fresh_scenes): new scenes from other seeds,
-        so the model cannot memorise images. Held-out scenes all come from the split."""
-        if epoch == 0 or not cfg.fresh_scenes:
-            return train_set
-        return shapes.make_shapes_dataset(len({r["image_id"] for r in train_set}), cfg.image_size,
-                                          seed=cfg.seed + 1000 * epoch, test_fraction=0.0)[0]
     ttok, atok = text_tokenizer(cfg.text_max_length), answer_tokenizer()
     collate = VQACollator(ttok, atok, cfg.image_size, cfg.text_max_length)
     result: dict = {"baseline": shapes.majority_baseline(train_set, test_set),
@@ -237,7 +242,7 @@ def _run(cfg, device, out_dir, plot, log, build_encoders, report: bool = True) -
         n_params = sum(p.numel() for p in model.parameters())
         log(f"[fusion={fusion}] {n_params:,} parameters")
         t0 = time.perf_counter()
-        losses = train(model, collate, training_scenes, cfg, device, log)
+        losses = train_vqa(model, collate, FreshScenes(train_set, cfg), cfg, device, log)
         seconds = time.perf_counter() - t0
         preds, probs = predict(model, collate, test_set, device, cfg.eval_batch_size)
         acc = accuracy_by_type(test_set, preds)

@@ -183,6 +183,8 @@ class BertModel(nn.Module):
     With return_pooled / output_attentions it returns an EncoderOutput (last_hidden_state,
     pooler_output, attentions) instead."""
 
+    lora_targets = ("query", "key", "value", "intermediate.dense", "output.dense")  # every linear of the attention and MLP blocks
+
     def __init__(self, cfg: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = cfg

@@ -155,6 +155,8 @@ class DistilBertModel(nn.Module):
     """DistilBERT encoder. forward(input_ids, attention_mask) -> last hidden state (B, T, dim); with
     output_attentions=True an EncoderOutput (pooler_output is None: DistilBERT has no pooler)."""
 
+    lora_targets = ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")  # every linear of the attention and MLP blocks
+
     def __init__(self, cfg: DistilBertConfig):
         super().__init__()
         self.config = cfg

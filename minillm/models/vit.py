@@ -209,6 +209,8 @@ class ViTModel(nn.Module):
     interpolate_pos_encoding=True accepts other image sizes (resized position table); with
     return_pooled / output_attentions it returns an EncoderOutput."""
 
+    lora_targets = ("query", "key", "value", "output.dense", "intermediate.dense")  # every linear of the attention and MLP blocks
+
     def __init__(self, cfg: ViTConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = cfg

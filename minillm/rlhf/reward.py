@@ -32,7 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import hub
+from minillm.data.preference import RewardPairCollator, join_text
 from minillm.losses import last_token_index
+from minillm.models.auto import KINDS, load_model, model_type
 
 
 def _check_pair_tensors(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
@@ -164,20 +166,10 @@ class RewardModel(nn.Module):
 
 
 def load_backbone(directory: str | Path, kind: Optional[str] = None) -> nn.Module:
-    """A backbone from a hub checkpoint directory: GPT-2 (model_type gpt2) or BERT (model_type bert)."""
-    d = hub.resolve(str(directory))
-    mt = hub.read_config(d).get("model_type", "gpt2")
-    if mt == "gpt2":
-        from minillm.models.gpt2 import GPT2LMHeadModel
-        return GPT2LMHeadModel.from_pretrained(str(d))
-    if mt == "bert":
-        try:
-            from minillm.models.bert import BertModel
-        except ImportError:
-            raise hub.CheckpointError(f"{d}: a BERT checkpoint, but this minillm has no minillm.models.bert") from None
-        return BertModel.from_pretrained(str(d))
-    raise hub.CheckpointError(f"{d / 'config.json'}: model_type '{mt}' is not supported as a reward backbone "
-                              f"(gpt2 or bert)")
+    """A reward model's backbone from a hub checkpoint directory: a causal LM (its body's last hidden states are
+    read; GPT-2) or an encoder (BERT, DistilBERT, ...). `kind` is accepted for old reward_config.json files."""
+    d, mt = model_type(str(directory))
+    return load_model(str(d), "causal-lm" if mt in KINDS["causal-lm"] else "encoder")
 
 
 def backbone_hidden_size(backbone: nn.Module) -> int:
@@ -201,7 +193,6 @@ def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], responses: S
                 batch_size: int = 64, max_length: Optional[int] = None) -> torch.Tensor:
     """Rewards (B,) for prompt+response texts, encoded with the reward model's own tokenizer (right-padded).
     Gradients flow when called outside no_grad (training)."""
-    from minillm.rlhf.preference_data import join_text
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     empty = [i for i, r in enumerate(responses) if not r.strip()]
@@ -233,21 +224,6 @@ class RewardScorer:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         return (self.raw(prompts, responses) - self.mean) / self.std
-
-
-def reward_collate(tokenizer, max_length: Optional[int] = None) -> Callable[[list[dict]], dict]:
-    """pairs -> {chosen_ids, chosen_mask, rejected_ids, rejected_mask, margin}, right-padded, for the training loop."""
-    from minillm.rlhf.preference_data import join_text
-
-    def collate(pairs: list[dict]) -> dict:
-        out = {}
-        for key in ("chosen", "rejected"):
-            enc = tokenizer([join_text(d["prompt"], d[key]) for d in pairs], padding_side="right",
-                            truncation=max_length is not None, max_length=max_length)
-            out[f"{key}_ids"], out[f"{key}_mask"] = enc["input_ids"], enc["attention_mask"]
-        out["margin"] = torch.tensor([float(d.get("margin", 0.0)) for d in pairs])
-        return out
-    return collate
 
 
 def reward_loss_fn(use_margin: bool = True, center_coef: float = 0.0) -> Callable:
@@ -302,6 +278,6 @@ def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval
 
     cfg = TrainConfig(lr=lr, weight_decay=0.0, epochs=epochs, batch_size=batch_size, max_grad_norm=grad_clip or None,
                       eval_every=steps_per_epoch, seed=seed, device=device, quiet=True, out_dir=out_dir)
-    train(rm, train_pairs, reward_collate(tokenizer, max_length), loss_fn, cfg, eval_fn=eval_fn)
+    train(rm, train_pairs, RewardPairCollator(tokenizer, max_length), loss_fn, cfg, eval_fn=eval_fn)
     rm.eval()
     return recs[-1]

@@ -59,10 +59,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from minillm.data.batching import length_grouped
 from minillm.hub import CheckpointError
 from minillm.losses import lm_loss_sum
 from minillm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from minillm.train.device import pick_device
+from minillm.train.runlog import RunLog, format_eta
 from minillm.train.schedule import SCHEDULES, lr_factor
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -199,7 +201,6 @@ def epoch_batches(n: int, epoch: int, cfg: TrainConfig, rank: int = 0, world: in
     sampler.set_epoch(epoch)
     order = list(sampler)
     if cfg.group_by_length and lengths is not None:
-        from minillm.train.data import length_grouped
         order = length_grouped(order, lengths, cfg.batch_size)
     return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
@@ -285,16 +286,15 @@ def evaluate(model, dataset: Sequence, collate: Callable, loss_fn: Callable, bat
     return {"loss": total / count if count else float("nan")}
 
 
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # ---- the loop ----
 def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], dict], loss_fn: Callable,
           config: TrainConfig, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None,
-          lengths: Optional[Sequence[int]] = None) -> TrainResult:
-    """Train `model` in place (see the module docstring). Returns the per-step losses and evals."""
+          lengths: Optional[Sequence[int]] = None, log: Optional[RunLog] = None, phase: str = "train") -> TrainResult:
+    """Train `model` in place (see the module docstring). Returns the per-step losses and evals.
+
+    log: a RunLog to report to (a demo's own); by default the loop opens <out_dir>/metrics.jsonl and prints to
+    stderr. A dataset with a `set_epoch(epoch)` method is told each epoch before its batches are drawn (e.g. to
+    draw fresh synthetic examples)."""
     cfg = config
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty: nothing to train on")
@@ -337,15 +337,10 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
             if rank == 0 and not cfg.quiet:
                 print(f"[train] resumed from {state['path']} at step {step}", file=sys.stderr, flush=True)
 
-    log_file = None
-    if out is not None and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / "metrics.jsonl", "a")
-
-    def log(row: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+    own_log = log is None
+    if own_log:
+        path = out / "metrics.jsonl" if out is not None and rank == 0 else None
+        log = RunLog(path, quiet=cfg.quiet or rank != 0, stream=sys.stderr, append=True)
 
     def run_eval() -> None:
         if eval_fn is None:
@@ -358,10 +353,8 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
             model.train()
             row = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
             result.evals.append(row)
-            log(row)
-            if not cfg.quiet:
-                print("[eval] " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in row.items()), file=sys.stderr, flush=True)
+            log("eval", " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                **row)
         if world > 1:
             dist.barrier()
 
@@ -378,6 +371,8 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
     t0, start_step, tokens_seen = time.perf_counter(), step, 0
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         micro = epoch_batches(len(dataset), epoch, cfg, rank, world, lengths)
         groups = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
         for group in groups[k:]:
@@ -404,11 +399,10 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
                 elapsed = time.perf_counter() - t0
                 tps = tokens_seen / max(elapsed, 1e-9)
                 eta = elapsed / (step - start_step) * (total_steps - step)
-                log({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                     "tokens": tokens_seen, "tokens_per_s": tps, "count": count})
-                if not cfg.quiet:
-                    print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
-                          f"{tps:,.0f} tok/s | ETA {_fmt_time(eta)}", file=sys.stderr, flush=True)
+                log(phase, f"step {step}/{total_steps} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+                           f"{tps:,.0f} tok/s | ETA {format_eta(eta)}",
+                    step=step, epoch=epoch, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
+                    tokens_per_s=tps, count=count)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run_eval()
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -416,6 +410,6 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
     result.seconds = time.perf_counter() - t0
     run_eval()
     save()
-    if log_file is not None:
-        log_file.close()
+    if own_log:
+        log.close()
     return result

@@ -1,4 +1,4 @@
-"""Training data: file readers, the chat format, label masking, padding collators, length grouping.
+"""SFT data: prompt/completion records, the chat format, completion-only label masking, the padding collator.
 
 Causal-LM fine-tuning learns p(next token | previous tokens); the labels are the input ids
 themselves (the loop's loss shifts them by one) with −100 wherever no loss is wanted: padding,
@@ -20,8 +20,7 @@ The three markers are added to the tokenizer as special tokens (never split) and
 embedding matrix is resized, the new rows starting at the mean embedding.
 
 Batches are padded dynamically — to the longest row of the batch, not a global maximum (the
-book's "dynamic padding", ch. 10); length-grouped batching puts similar lengths together so
-less of each batch is padding. Bad data fails before training, naming file and line.
+book's "dynamic padding", ch. 10). Bad data fails before training, naming file and line.
 
 Source: the book, ch. 10 (LaTeX example, SAWYER's chat tokens and completion-only loss,
 dynamic padding); trl's DataCollatorForCompletionOnlyLM for the masking idea.
@@ -29,73 +28,17 @@ dynamic padding); trl's DataCollatorForCompletionOnlyLM for the masking idea.
 
 from __future__ import annotations
 
-import csv
-import json
-import random
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from minillm.data.readers import DataError
+from minillm.losses import IGNORE_INDEX as IGNORE
+
 HUMAN, BOT, STOP = "###HUMAN###", "###BOT###", "###STOP###"
 CHAT_TOKENS = (HUMAN, BOT, STOP)
 LATEX_TEMPLATE = "Convert English to LaTeX\nEnglish: {english}\nLaTeX: {latex}"
-IGNORE = -100
-
-
-class DataError(ValueError):
-    """Bad training data, found before training starts; the message names file and line."""
-
-
-# ---- readers ----
-def read_jsonl(path: str | Path) -> list[dict]:
-    """One JSON object per line (blank lines skipped). Each record gets `_where` = "file:line"."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}")
-            obj["_where"] = f"{path}:{lineno}"
-            records.append(obj)
-    if not records:
-        raise DataError(f"{path}: empty dataset (no records)")
-    return records
-
-
-def read_csv(path: str | Path) -> list[dict]:
-    """A CSV file with a header row; rows with a wrong number of fields are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise DataError(f"{path}: empty dataset (no header row)")
-        for row in reader:
-            lineno = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise DataError(f"{path}:{lineno}: expected {len(reader.fieldnames)} fields "
-                                f"({', '.join(reader.fieldnames)}), found a different number")
-            row["_where"] = f"{path}:{lineno}"
-            records.append(row)
-    if not records:
-        raise DataError(f"{path}: empty dataset (a header but no rows)")
-    return records
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """JSONL (.jsonl / .json lines) or CSV (.csv), by suffix."""
-    return read_csv(path) if str(path).lower().endswith(".csv") else read_jsonl(path)
 
 
 # ---- chat format and special tokens ----
@@ -195,93 +138,3 @@ class CausalLMCollator:
             mask[i, :n] = 1
             labels[i, :n] = torch.tensor(r.get("labels", r["input_ids"]), dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-# ---- multi-label classification ----
-def split_labels(value, where: str) -> list[str]:
-    """A JSON list of names, or a string of names separated by ';' (CSV)."""
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(";") if v.strip()]
-    raise DataError(f"{where}: 'labels' must be a list of names or a ';'-separated string, found {value!r}")
-
-
-def label_set(records: Sequence[dict], labels_key: str = "labels") -> list[str]:
-    """The sorted union of label names in the records."""
-    names = set()
-    for i, r in enumerate(records):
-        where = r.get("_where", f"record {i}")
-        if labels_key not in r:
-            raise DataError(f"{where}: no '{labels_key}' field")
-        names.update(split_labels(r[labels_key], where))
-    return sorted(names)
-
-
-def encode_classification(records: Sequence[dict], tokenizer, label_names: Sequence[str],
-                          max_length: Optional[int] = None, text_key: str = "text",
-                          labels_key: str = "labels") -> list[dict]:
-    """Records {"text", "labels"} -> [{"input_ids", "labels": multi-hot floats}]; unknown label -> error."""
-    if not records:
-        raise DataError("empty dataset (no records)")
-    index = {n: i for i, n in enumerate(label_names)}
-    out = []
-    for i, r in enumerate(records):
-        where = r.get("_where", f"record {i}")
-        if text_key not in r or labels_key not in r:
-            raise DataError(f"{where}: needs fields '{text_key}' and '{labels_key}', found {sorted(r)}")
-        target = [0.0] * len(index)
-        for name in split_labels(r[labels_key], where):
-            if name not in index:
-                raise DataError(f"{where}: label {name!r} is not in the label set {list(label_names)}")
-            target[index[name]] = 1.0
-        ids = tokenizer.encode(str(r[text_key]))
-        if max_length is not None:
-            ids = ids[:max_length]
-        if not ids:
-            raise DataError(f"{where}: empty text")
-        out.append({"input_ids": ids, "labels": target})
-    return out
-
-
-class ClassificationCollator:
-    """Pad {"input_ids", "labels" (multi-hot)} rows: input_ids, attention_mask (B, T), labels (B, L) float."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        T = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"], dtype=torch.long)
-            mask[i, :len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.float32)}
-
-
-# ---- length-grouped order ----
-def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, mega: int = 50) -> list[int]:
-    """Reorder a (shuffled) index list so each batch holds similar lengths: cut it into chunks of
-    mega·batch_size, sort each chunk by length (longest first). The chunk order stays random, so
-    batches still vary; the longest batch of the epoch moves to the front (an early out-of-memory
-    instead of a late one), as transformers' LengthGroupedSampler does."""
-    order = list(order)
-    size = mega * batch_size
-    out = []
-    for i in range(0, len(order), size):
-        out += sorted(order[i:i + size], key=lambda j: -lengths[j])
-    batches = [out[i:i + batch_size] for i in range(0, len(out), batch_size)]
-    if batches:
-        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
-        batches[0], batches[longest] = batches[longest], batches[0]
-    return [j for b in batches for j in b]
-
-
-def shuffled(records: Sequence, seed: int) -> list:
-    """A seeded shuffled copy (for train/eval splits)."""
-    rng = random.Random(seed)
-    out = list(records)
-    rng.shuffle(out)
-    return out

@@ -1,0 +1,147 @@
+"""The fine-tuning recipes behind `minillm sft` and `minillm classify`: files in, a trained checkpoint out.
+
+A recipe is the plain sequence a practitioner would write: read and check the data (every error
+before any training), load the model and tokenizer, turn adapters on (full / LoRA / QLoRA:
+lora.prepare_adapters), train with the one loop (loop.train), save in the hub layout that
+from_pretrained and transformers read, and write a summary.
+
+sft: causal-LM fine-tuning on {prompt, completion} | {english, latex} | {messages} | {text} records
+(data/sft.py), optionally completion-only (the loss on the response alone, as SAWYER's SFT); with
+LoRA the adapter is saved in peft's files under <out>/adapter and merged into the saved model.
+
+classify: multi-label sequence classification (the book's movie genres, ch. 10) with BCE over every
+(example, label), partial freezing, and micro F1 / Jaccard / subset accuracy / ROC-AUC at the end.
+
+Source: the book, ch. 10 (LaTeX SFT, SAWYER's QLoRA SFT, multi-label classification); litgpt's
+finetune recipes for the shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from minillm.data.classification import ClassificationCollator, encode_classification, label_set
+from minillm.data.readers import read_records
+from minillm.data.sft import CausalLMCollator, add_chat_tokens, encode_sft
+from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter
+from minillm.models.auto import load_model, model_class
+from minillm.tokenizer import Tokenizer
+from minillm.train.freezing import freeze_below_layer
+from minillm.train.loop import (PRECISIONS, TrainConfig, causal_lm_loss, evaluate, setup_distributed,
+                                teardown_distributed, to_device, train)
+from minillm.train.metrics import multilabel_metrics
+
+
+def load_tokenizer(name_or_dir: str) -> Tokenizer:
+    """The checkpoint's tokenizer; without a pad token, the EOS token pads (as usual for GPT-2)."""
+    tok = Tokenizer.from_pretrained(name_or_dir)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{name_or_dir}: the tokenizer has neither a pad nor an eos token; add one")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters: AdapterConfig = AdapterConfig(),
+            eval_data: Optional[str] = None, completion_only: bool = False, max_length: Optional[int] = None,
+            gradient_checkpointing: bool = False) -> dict:
+    """Supervised fine-tuning of a causal LM; returns the summary written to <out>/train_summary.json."""
+    rank, _ = setup_distributed()
+    # Everything that can fail on bad data happens here, before any training.
+    records = read_records(data)
+    eval_records = read_records(eval_data) if eval_data else []
+    torch.manual_seed(train_config.seed)  # new LoRA matrices and resized embedding rows are seeded too
+    lm = load_model(model, "causal-lm")
+    tok = load_tokenizer(model)
+    chat = any("messages" in r for r in records + eval_records)
+    if chat:
+        add_chat_tokens(tok, lm)
+    max_length = max_length or getattr(lm.config, "n_positions", None) or tok.model_max_length
+    train_set = encode_sft(records, tok, max_length, completion_only)
+    eval_set = encode_sft(eval_records, tok, max_length, completion_only) if eval_records else None
+    new_rows = [lm.transformer.wte.weight] if chat else []  # the chat tokens' rows must learn (modules_to_save)
+    prepare_adapters(lm, adapters, compute_dtype=PRECISIONS[train_config.precision], also_train=new_rows)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    collate = CausalLMCollator(tok.pad_token_id)
+    eval_fn = (lambda m: evaluate(m, eval_set, collate, causal_lm_loss, train_config.batch_size)) if eval_set else None
+    result = train(lm, train_set, collate, causal_lm_loss, train_config, eval_fn=eval_fn,
+                   lengths=[len(e["input_ids"]) for e in train_set])
+    summary = {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,
+               "final_loss": result.losses[-1] if result.losses else None, "evals": result.evals, "out": out}
+    if rank == 0:
+        if adapters.lora_r:
+            save_adapter(lm, Path(out) / "adapter")
+            merge_and_unload(lm)
+        lm.cpu().save_pretrained(out)
+        tok.save_pretrained(out)
+        _write_summary(Path(out), summary)
+    teardown_distributed()
+    return summary
+
+
+def bce_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """loss_fn for multi-label classification: BCE summed over every (example, label); the loop divides by
+    their count."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+
+
+@torch.no_grad()
+def classification_eval(model, dataset: list, collate, batch_size: int, threshold: float) -> dict:
+    """Mean BCE and the multi-label metrics over a dataset."""
+    device = next(model.parameters()).device
+    logits, targets = [], []
+    for i in range(0, len(dataset), batch_size):
+        b = to_device(collate(dataset[i:i + batch_size]), device)
+        logits.append(model(b["input_ids"], attention_mask=b["attention_mask"]).float().cpu())
+        targets.append(b["labels"].cpu())
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    return {"loss": float(F.binary_cross_entropy_with_logits(logits, targets)),
+            **multilabel_metrics(logits, targets, threshold)}
+
+
+def classify_job(model: str, data: str, out: str, train_config: TrainConfig, eval_data: Optional[str] = None,
+                 labels: Optional[list[str]] = None, text_key: str = "text", labels_key: str = "labels",
+                 freeze_up_to: Optional[int] = None, threshold: float = 0.5, max_length: Optional[int] = None) -> dict:
+    """Multi-label classification fine-tuning of an encoder classifier; returns the summary it writes."""
+    rank, _ = setup_distributed()
+    records = read_records(data)
+    eval_records = read_records(eval_data) if eval_data else []
+    names = labels or label_set(records, labels_key)
+    d, cls = model_class(model, "classifier")
+    tok = Tokenizer.from_pretrained(str(d))
+    max_length = max_length or tok.model_max_length or 512
+    train_set = encode_classification(records, tok, names, max_length, text_key, labels_key)
+    eval_set = encode_classification(eval_records, tok, names, max_length, text_key, labels_key) if eval_records else None
+    torch.manual_seed(train_config.seed)  # the new classifier head is seeded
+    clf = cls.from_pretrained(str(d), num_labels=len(names), problem_type="multi_label_classification",
+                              id2label={str(i): n for i, n in enumerate(names)},
+                              label2id={n: i for i, n in enumerate(names)})
+    if freeze_up_to is not None:
+        frozen = freeze_below_layer(clf, freeze_up_to)
+        if rank == 0:
+            print(f"froze {frozen} parameter tensors (embeddings + layers < {freeze_up_to})")
+    collate = ClassificationCollator(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    eval_fn = (lambda m: classification_eval(m, eval_set, collate, train_config.batch_size, threshold)) \
+        if eval_set else None
+    result = train(clf, train_set, collate, bce_loss_sum, train_config, eval_fn=eval_fn,
+                   lengths=[len(e["input_ids"]) for e in train_set])
+    summary = {"labels": names, "steps": result.step, "final_loss": result.losses[-1],
+               "eval": result.evals[-1] if result.evals else {}, "out": out}
+    if rank == 0:
+        clf.cpu().save_pretrained(out)
+        tok.save_pretrained(out)
+        _write_summary(Path(out), summary)
+    teardown_distributed()
+    return summary
