@@ -267,3 +267,20 @@ def base_state(state: dict[str, torch.Tensor], prefix: str,
         elif not any(p.search(k) for p in heads):
             out[k] = v  # not a known head: left in, so strict loading reports it
     return out
+
+
+def load_base_model(cls, config_cls, name_or_path: str, model_type: str, prefix: str, ignored: Iterable[str] = (),
+                    dtype: Optional[torch.dtype] = None, device=None, **overrides):
+    """The encoders' from_pretrained: read and check config.json (`model_type`), build `cls(config)` — with
+    add_pooling_layer when `cls` takes it and the checkpoint has a pooler — load the base tensors (task
+    layouts: `prefix` stripped, heads skipped) strictly, then move to dtype/device."""
+    d, raw = read_config_of(name_or_path, model_type, cls.__name__)
+    cfg = config_from_dict(config_cls, {**raw, **overrides}, str(d / "config.json"))
+    state = base_state(load_safetensors(d), prefix)
+    if "add_pooling_layer" in cls.__init__.__code__.co_varnames:
+        model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
+    else:
+        model = cls(cfg)
+    load_state_dict_strict(model, state, source=str(d), ignore_unexpected=ignored)
+    model.source_dir = d
+    return model.to(device=device, dtype=dtype)

@@ -226,13 +226,7 @@ class BertModel(nn.Module):
                         **overrides) -> "BertModel":
         """Load a BERT checkpoint (BertModel layout, or a task layout with the `bert.` prefix; its heads are
         skipped). The pooler is built when the checkpoint has one. `overrides` change config keys (use_sdpa=...)."""
-        d, raw = hub.read_config_of(name_or_path, "bert", cls.__name__)
-        cfg = hub.config_from_dict(BertConfig, {**raw, **overrides}, str(d / "config.json"))
-        state = hub.base_state(hub.load_safetensors(d), "bert.")
-        model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
-        hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_base_model(cls, BertConfig, name_or_path, "bert", "bert.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub's BertModel layout (no prefix)."""

@@ -184,13 +184,7 @@ class DistilBertModel(nn.Module):
     def from_pretrained(cls, name_or_path: str, dtype: Optional[torch.dtype] = None, device=None,
                         **overrides) -> "DistilBertModel":
         """Load a DistilBERT checkpoint (DistilBertModel layout, or a task layout under `distilbert.`)."""
-        d, raw = hub.read_config_of(name_or_path, "distilbert", cls.__name__)
-        cfg = hub.config_from_dict(DistilBertConfig, {**raw, **overrides}, str(d / "config.json"))
-        model = cls(cfg)
-        state = hub.base_state(hub.load_safetensors(d), "distilbert.")
-        hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_base_model(cls, DistilBertConfig, name_or_path, "distilbert", "distilbert.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
         d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("DistilBertModel"))

@@ -259,13 +259,7 @@ class ViTModel(nn.Module):
                         **overrides) -> "ViTModel":
         """Load a ViT checkpoint: ViTModel layout (pooler when present: in21k has one, DINO not) or
         ViTForImageClassification (`vit.` prefix; the classifier is skipped)."""
-        d, raw = hub.read_config_of(name_or_path, "vit", cls.__name__)
-        cfg = hub.config_from_dict(ViTConfig, {**raw, **overrides}, str(d / "config.json"))
-        state = hub.base_state(hub.load_safetensors(d), "vit.")
-        model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
-        hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_base_model(cls, ViTConfig, name_or_path, "vit", "vit.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
         d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("ViTModel"))
