@@ -7,8 +7,8 @@ names, so loading is a name-for-name copy, checked strictly first: every expecte
 present, nothing unexpected, every shape right — or one error naming them, with the model
 untouched. Pickle checkpoints (`pytorch_model.bin`) are refused, never unpickled.
 
-Where a name is looked for, in order: an existing directory; `weights/<name>/` (the repo's
-`weights/`, `$MINILLM_WEIGHTS`, or `./weights`); a download through huggingface_hub of the
+Where a name is looked for, in order: an existing directory; `weights/<name>/` (`$MINILLM_WEIGHTS`,
+the repo's `weights/`, the tiny checkpoints packaged in the wheel, or `./weights`); a download through huggingface_hub of the
 safetensors, JSON and tokenizer files only.
 """
 
@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # a source checkout's weights/
+PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "_weights"    # the same tiny checkpoints inside a wheel
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "vocab.txt", "merges.txt"]
 
 
@@ -38,7 +39,7 @@ def weights_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("MINILLM_WEIGHTS"):
         dirs.append(Path(os.environ["MINILLM_WEIGHTS"]))
-    dirs += [REPO_WEIGHTS, Path.cwd() / "weights"]
+    dirs += [REPO_WEIGHTS, PACKAGED_WEIGHTS, Path.cwd() / "weights"]
     return dirs
 
 
