@@ -21,8 +21,8 @@ rouge-score's tokenizer without stemming. `rouge` returns the mean F over the pa
 
 BLEU (Papineni et al. 2002), over the corpus, with the sacrebleu conventions (Post 2018):
 
-    tokens      mteval-v13a: punctuation split off, "-" split after a digit, "." and "," split unless
-                between digits; case kept
+    tokens      mteval-v13a: ASCII punctuation split off (not "'" or "-"), "-" split after a digit, "." and ","
+                split unless between digits; case kept
     p_n         = Σ_segments Σ_g min(c(g, hyp), max_refs c(g, ref)) / Σ_segments #n-grams(hyp)   (n = 1..4)
     smoothing   "exp" (NIST, mteval-v13a): the k-th order with no match gets p_n = 1 / (2^k · #n-grams)
     BP          = 1 if c ≥ r else exp(1 − r / c),   c = total hypothesis length, r = Σ over segments of the
@@ -190,7 +190,7 @@ def rouge(predictions: Sequence[str], references: Sequence[Union[str, Sequence[s
 # ---------------------------------------------------------------------------------------------
 
 _13A_RULES = [
-    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # ASCII punctuation and symbols: split off
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # ASCII punctuation but . , - and ': split off
     (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # "." and "," after a non-digit
     (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # "." and "," before a non-digit
     (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # "-" after a digit
