@@ -20,7 +20,7 @@ import torch
 from minillm.hub import CheckpointError
 from minillm.models.auto import load_model, model_type
 
-TEXT_ENCODERS = ("bert", "distilbert")
+TEXT_ENCODERS = ("bert", "distilbert", "roberta")
 
 
 def load_text_encoder(name_or_path: str):

@@ -126,3 +126,15 @@ def test_train_reward_qlora_gpt2(ckpt, tmp_path, capsys):
         else:
             assert torch.equal(got[k], w), k  # embeddings, norms, biases: untouched full precision
     assert _pairs_accuracy(tmp_path / "rm", ckpt / "pairs.jsonl") >= 0.9
+
+
+def test_train_reward_roberta_backbone(ckpt, tmp_path):
+    """A RoBERTa checkpoint is a reward backbone like BERT's: <s> (position 0) pooled, saved, reloaded, ranking."""
+    from minillm.models.roberta import RobertaModel
+    from minillm.rlhf.reward import RewardModel
+    assert main(["train-reward", "--model", "tiny-roberta", "--data", str(ckpt / "pairs.jsonl"),
+                 "--out", str(tmp_path / "rm"), "--epochs", "4", "--lr", "3e-3", "--batch-size", "16",
+                 "--eval-frac", "0.25", "--device", "cpu"]) == 0
+    rm = RewardModel.from_pretrained(str(tmp_path / "rm"))
+    assert isinstance(rm.backbone, RobertaModel) and rm.pool == "first"
+    assert _pairs_accuracy(tmp_path / "rm", ckpt / "pairs.jsonl") >= 0.9

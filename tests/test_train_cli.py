@@ -119,3 +119,17 @@ def test_sft_gradient_checkpointing_same_model(tmp_path):
     assert not torch.equal(outs[0]["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
     for k in outs[0]:
         torch.testing.assert_close(outs[1][k], outs[0][k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_classify_roberta(tmp_path):
+    """RoBERTa's classifier (dense → tanh → out_proj on <s>) plugs into `minillm classify` like BERT's."""
+    from minillm.models.roberta import RobertaForSequenceClassification
+    rows = [{"text": f"{a} story", "labels": ["action"] if a == "fight" else ["calm"]} for a in ("fight", "walk")] * 6
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["classify", "--model", "tiny-roberta", "--data", str(data), "--eval-data", str(data),
+                 "--max-steps", "30", "--batch-size", "4", "--lr", "3e-3", "--out", str(out)]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["eval"]["eval_subset_accuracy"] == 1.0  # two separable labels, learned
+    m = RobertaForSequenceClassification.from_pretrained(str(out))
+    assert m.config.id2label == {"0": "action", "1": "calm"}
