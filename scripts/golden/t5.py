@@ -156,7 +156,7 @@ def pick_eos(free: torch.Tensor) -> int:
 def make(root: Path) -> None:
     from transformers import AutoTokenizer
     tok = train_tokenizer()
-    small = dict(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, dropout_rate=0.1, initializer_factor=2.0)
+    small = dict(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, dropout_rate=0.1, initializer_factor=1.5)
     m = build(root, "tiny-t5", tok, untie=False, **small)
     outputs(m, "tiny-t5", root, generation=True)
     flan = dict(d_model=16, d_kv=6, d_ff=24, num_layers=3, num_decoder_layers=2, num_heads=4,
