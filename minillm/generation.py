@@ -78,7 +78,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
 
     `model(input_ids, attention_mask=..., cache=..., **model_kwargs)` must return logits (B, T, V);
     extra keyword arguments (e.g. encoder_hidden_states) are passed at every step.
+    Encoder-decoder models (`model.is_encoder_decoder`, e.g. T5) go to generate_encoder_decoder: the
+    result is then the decoder's ids (B, 1 + new), not the prompt plus new tokens.
     """
+    if getattr(model, "is_encoder_decoder", False):
+        return generate_encoder_decoder(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                        top_k, top_p, eos_token_id, pad_token_id, use_cache, generator, **model_kwargs)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, prompt_len >= 1), got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -111,6 +116,64 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         tok = tok.masked_fill(finished, pad_token_id)
         ids = torch.cat([ids, tok[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        step_input = tok[:, None]
+        if eos_token_id is not None:
+            finished = finished | (tok == eos_token_id)
+            if bool(finished.all()):
+                break
+    model.train(was_training)
+    return ids
+
+
+# ---- encoder-decoder models (T5): encode once, then decode from decoder_start_token_id ----
+
+@torch.no_grad()
+def generate_encoder_decoder(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                             top_k: Optional[int] = None, top_p: Optional[float] = None,
+                             eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                             use_cache: bool = True, generator: Optional[torch.Generator] = None,
+                             decoder_start_token_id: Optional[int] = None) -> torch.Tensor:
+    """Inputs (B, S), padded on either side -> decoder ids (B, 1 + new), new <= max_new_tokens, starting
+    with decoder_start_token_id.
+
+    The encoder runs once; each step feeds the decoder its newest token, with a cache holding the
+    decoder's self-attention keys/values and the cross-attention keys/values of the encoder output
+    (computed at the first step). The model provides encode(ids, mask) -> states, decode(dec_ids,
+    states, mask, cache=...) -> logits and new_cache(max_length). eos_token_id, pad_token_id and
+    decoder_start_token_id default to the model's config (T5: 1, 0, 0), as transformers' generate does.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, seq_len >= 1), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    cfg = model.config
+    if eos_token_id is None:
+        eos_token_id = getattr(cfg, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(cfg, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    if decoder_start_token_id is None:
+        decoder_start_token_id = getattr(cfg, "decoder_start_token_id", None)
+        decoder_start_token_id = decoder_start_token_id if decoder_start_token_id is not None else pad_token_id
+    B = input_ids.shape[0]
+    was_training = model.training
+    model.eval()
+    encoded = model.encode(input_ids, attention_mask)  # (B, S, d_model), once
+    ids = torch.full((B, 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    cache = model.new_cache(1 + max_new_tokens) if use_cache else None
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_input = ids
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = model.decode(step_input, encoded, attention_mask, cache=cache)[:, -1, :]
+        else:
+            logits = model.decode(ids, encoded, attention_mask)[:, -1, :]
+        tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(finished, pad_token_id)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
         step_input = tok[:, None]
         if eos_token_id is not None:
             finished = finished | (tok == eos_token_id)
