@@ -28,15 +28,15 @@ def _field_type(cls, f: dataclasses.Field) -> Any:
 
 
 def add_config_args(p: argparse.ArgumentParser, cls, names: list[str], defaults: Optional[dict] = None,
-                    help: Optional[dict] = None, choices: Optional[dict] = None) -> None:
-    """--field-name for each named field of `cls`: type and default from the dataclass (or `defaults`);
-    bools become --flag / --no-flag."""
+                    help: Optional[dict] = None, choices: Optional[dict] = None, flags: Optional[dict] = None) -> None:
+    """--field-name for each named field of `cls` (or the flag `flags` gives it, so that one concept has one name
+    across commands): type and default from the dataclass (or `defaults`); bools become --flag / --no-flag."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults, help, choices = defaults or {}, help or {}, choices or {}
+    defaults, help, choices, flags = defaults or {}, help or {}, choices or {}, flags or {}
     for name in names:
         f = fields[name]
         default = defaults.get(name, f.default)
-        flag = "--" + name.replace("_", "-")
+        flag = flags.get(name, "--" + name.replace("_", "-"))
         typ = _field_type(cls, f)
         kw = dict(dest=name, default=default, help=help.get(name))
         if typ is bool:
@@ -231,7 +231,7 @@ def add_ppo(sub) -> None:
     add_config_args(p, PPOConfig, ["lr", "batch_size", "mini_batch_size", "ppo_epochs", "init_kl_coef", "adaptive_kl",
                                    "target_kl", "horizon", "kl_estimator", "max_new_tokens", "temperature"],
                     defaults={"max_new_tokens": 32}, help={"init_kl_coef": "initial β of the KL penalty"},
-                    choices={"kl_estimator": KL_ESTIMATORS})
+                    choices={"kl_estimator": KL_ESTIMATORS}, flags={"init_kl_coef": "--kl-coef"})
     add_adapter_args(p)
     p.set_defaults(func=cmd_ppo)
 
