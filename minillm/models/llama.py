@@ -344,6 +344,8 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_cos_sin(position_ids, x.dtype)
 
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the fused kernel runs unmasked (one decoding step needs no mask)
         mask = None  # bool (B, 1, T, past+T), True where a query may look; None = plain causal
         if attention_mask is not None or (past > 0 and T > 1):
             mask = causal_mask(T, past + T, input_ids.device)[None, None]
