@@ -88,6 +88,23 @@ def test_left_padded_row_equals_unpadded_row(name):
     assert (a - b).abs().max() < 1e-5
 
 
+def test_positions_come_from_the_mask(monkeypatch):
+    """RoPE depends on m − n only, so a constant shift of every position changes logits by rounding alone and
+    the padded-row tests above cannot see which positions were used: look at them directly."""
+    model = load()
+    seen = []
+    orig = model.model.rope_cos_sin
+    monkeypatch.setattr(model.model, "rope_cos_sin", lambda pos, dtype: seen.append(pos.clone()) or orig(pos, dtype))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.ones(2, 5, dtype=torch.long), attention_mask=mask, cache=cache)
+        model(torch.ones(2, 1, dtype=torch.long), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+              cache=cache)
+    assert seen[0].tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]  # pads get 1, as transformers' generate does
+    assert seen[1].tolist() == [[3], [5]]
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_equals_transformers(name, use_cache):

@@ -18,7 +18,9 @@ Checkpoints: model_type "llama", "mistral" (the same layout) and "qwen2" (biases
 Mistral's and Qwen2's sliding-window attention is not implemented: within the window it IS full causal
 attention, so the config is accepted and a sequence longer than the window is refused with an error
 (instead of silently computing something else). With an attention_mask, positions come from the mask
-(cumsum − 1) so a left-padded row gets the logits of the same row unpadded.
+(cumsum − 1), as transformers' generate does. (RoPE scores depend on m − n only, so a left-padded row would get
+the unpadded row's logits, up to rounding, even from shifted positions; the mask's positions keep them
+equal to transformers' own, angle for angle.)
 
 Sources: Touvron et al., "LLaMA" (2023) and "Llama 2" (2023); Su et al., "RoFormer" (2021) for RoPE;
 Shazeer, "GLU Variants Improve Transformer" (2020); Ainslie et al., "GQA" (2023); Zhang & Sennrich,
