@@ -31,6 +31,11 @@ PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "_weights"    # the same ti
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "vocab.txt", "merges.txt"]
 
 
+# Float dtypes by torch's names and by safetensors' header names.
+FLOAT_DTYPES = {"torch.float64", "torch.float32", "torch.float16", "torch.bfloat16", "torch.float8_e4m3fn",
+                "torch.float8_e5m2", "F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit: missing/unexpected/mis-shaped tensors, bad files, bad config."""
 
@@ -87,25 +92,66 @@ def config_from_dict(cls, d: dict, path: str = "config.json"):
     return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-def load_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or shards), on CPU."""
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index names
+    (checked: each shard path stays inside the directory, and exists). Pickle-only folders are refused."""
     d = Path(directory)
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shards = json.loads(index.read_text())["weight_map"].values()
-        files = [d / f for f in sorted(set(shards))]
-    else:
-        pickles = [f.name for f in d.glob("*.bin")] + [f.name for f in d.glob("*.pt")] + [f.name for f in d.glob("*.pth")]
-        if pickles:
-            raise CheckpointError(
-                f"{d}: only pickle checkpoints found ({', '.join(pickles)}); minillm loads safetensors only and never "
-                f"unpickles. Convert it once with a trusted tool (e.g. safetensors' convert script) to model.safetensors.")
-        raise CheckpointError(f"{d}: no model.safetensors (or model.safetensors.index.json)")
+        return [single]
+    if index.is_file():
+        return sorted(set(read_shard_index(d).values()))
+    pickles = [f.name for f in d.glob("*.bin")] + [f.name for f in d.glob("*.pt")] + [f.name for f in d.glob("*.pth")]
+    if pickles:
+        raise CheckpointError(
+            f"{d}: only pickle checkpoints found ({', '.join(pickles)}); minillm loads safetensors only and never "
+            f"unpickles. Convert it once with a trusted tool (e.g. safetensors' convert script) to model.safetensors.")
+    raise CheckpointError(f"{d}: no model.safetensors (or model.safetensors.index.json)")
+
+
+def read_shard_index(directory: str | os.PathLike) -> dict[str, Path]:
+    """model.safetensors.index.json -> {tensor name: shard path}. Refused: a shard path that is absolute or
+    leaves the directory (`../x`, or a symlink out of it), a tensor listed twice, a shard file missing."""
+    d = Path(directory)
+    path = d / "model.safetensors.index.json"
+
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen and isinstance(v, str):
+                raise CheckpointError(f"{path}: tensor '{k}' listed twice (in '{seen[k]}' and '{v}')")
+            seen[k] = v
+        return seen
+    try:
+        index = json.loads(path.read_text(), object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise CheckpointError(f"{path}: no 'weight_map' of tensor names to shard files")
+    root = d.resolve()
+    out: dict[str, Path] = {}
+    for name, shard in wmap.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{path}: tensor '{name}': shard must be a file name, got {shard!r}")
+        f = (d / shard)
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or root not in f.resolve().parents:
+            raise CheckpointError(f"{path}: tensor '{name}': shard '{shard}' is outside the checkpoint directory")
+        if not f.is_file():
+            raise CheckpointError(f"{path}: tensor '{name}': shard file '{shard}' is missing")
+        out[name] = f
+    return out
+
+
+def load_safetensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or shards), on CPU."""
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(read_safetensors_file(f))
+    for f in checkpoint_files(directory):
+        part = read_safetensors_file(f)
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise CheckpointError(f"{f}: tensor '{twice[0]}' is also in another shard")
+        state.update(part)
     return state
 
 
@@ -149,6 +195,45 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _plan_load(model: torch.nn.Module, shapes: dict[str, tuple[tuple, str]], source: str, prefix: str,
+               transpose: Iterable[str], ignore_unexpected: Iterable[str], optional: Iterable[str]
+               ) -> list[tuple[str, str, bool]]:
+    """Check checkpoint tensors, given as {name: (shape, dtype name)}, against the model; raise one error naming
+    every problem, or return the copy plan [(model name, checkpoint name, transposed)]."""
+    transpose = [re.compile(p) for p in transpose]
+    ignore = [re.compile(p) for p in ignore_unexpected]
+    optional = [re.compile(p) for p in optional]
+    expected = model.state_dict()
+    add = prefix if prefix and not any(k.startswith(prefix) for k in shapes) and \
+        any(k.startswith(prefix) for k in expected) else ""
+    problems, plan, seen = [], [], set()
+    for ck_name, (shape, dtype) in shapes.items():
+        name = add + ck_name
+        is_float = dtype in FLOAT_DTYPES
+        seen.add(name)
+        if name not in expected:
+            if not any(p.search(name) for p in ignore):
+                problems.append(f"unexpected tensor '{name}' {tuple(shape)}")
+            continue
+        tr = any(p.search(name) for p in transpose) and len(shape) == 2
+        shape = tuple(shape)[::-1] if tr else tuple(shape)
+        want = expected[name]
+        if shape != tuple(want.shape):
+            problems.append(f"tensor '{name}': expected shape {tuple(want.shape)}, found {shape}")
+            continue
+        if is_float != want.is_floating_point():
+            problems.append(f"tensor '{name}': expected dtype {want.dtype}, found {dtype}")
+            continue
+        plan.append((name, ck_name, tr))
+    for name in expected:
+        if name not in seen and not any(p.search(name) for p in optional):
+            problems.append(f"missing tensor '{name}' {tuple(expected[name].shape)}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  {shown}")
+    return plan
+
+
 def load_state_dict_strict(
     model: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -165,42 +250,73 @@ def load_state_dict_strict(
     (GPT-2's Conv1D). ignore_unexpected: regexes of checkpoint names to skip (buffers, unused heads).
     optional: regexes of model names that may be absent (tied weights).
     """
-    transpose = [re.compile(p) for p in transpose]
-    ignore = [re.compile(p) for p in ignore_unexpected]
-    optional = [re.compile(p) for p in optional]
+    shapes = {k: (tuple(t.shape), str(t.dtype)) for k, t in state.items()}
+    plan = _plan_load(model, shapes, source, prefix, transpose, ignore_unexpected, optional)
     expected = model.state_dict()
-    if prefix and not any(k.startswith(prefix) for k in state) and any(k.startswith(prefix) for k in expected):
-        state = {prefix + k: v for k, v in state.items()}
-    problems, plan = [], []
-    for name, t in state.items():
-        if name not in expected:
-            if not any(p.search(name) for p in ignore):
-                problems.append(f"unexpected tensor '{name}' {tuple(t.shape)}")
-            continue
-        if any(p.search(name) for p in transpose) and t.dim() == 2:
-            t = t.t()
-        want = expected[name]
-        if tuple(t.shape) != tuple(want.shape):
-            problems.append(f"tensor '{name}': expected shape {tuple(want.shape)}, found {tuple(t.shape)}")
-            continue
-        if t.is_floating_point() != want.is_floating_point():
-            problems.append(f"tensor '{name}': expected dtype {want.dtype}, found {t.dtype}")
-            continue
-        plan.append((name, t))
-    for name in expected:
-        if name not in state and not any(p.search(name) for p in optional):
-            problems.append(f"missing tensor '{name}' {tuple(expected[name].shape)}")
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  {shown}")
     with torch.no_grad():
-        for name, t in plan:
-            expected[name].copy_(t)
+        for name, ck_name, tr in plan:
+            t = state[ck_name]
+            expected[name].copy_(t.t() if tr else t)
+
+
+def load_checkpoint_strict(model: torch.nn.Module, directory: str | os.PathLike, prefix: str = "",
+                           transpose: Iterable[str] = (), ignore_unexpected: Iterable[str] = (),
+                           optional: Iterable[str] = (), skip: Iterable[str] = ()) -> None:
+    """load_state_dict_strict straight from the files of a checkpoint directory (single file or shards),
+    with about one copy of the weights in memory instead of two.
+
+    First every file's header is read (names, shapes, dtypes; no tensor data) and checked against the
+    model — shard paths inside the directory, no tensor in two shards, the index agreeing with the
+    shards — and any problem raises with the model untouched. Then each tensor is read (memory-mapped)
+    and copied into its parameter, one at a time. skip: regexes of checkpoint names not to load at all
+    (e.g. a tied head's copy)."""
+    from safetensors import safe_open
+    d = Path(directory)
+    files = checkpoint_files(d)
+    listed = read_shard_index(d) if files != [d / "model.safetensors"] else None
+    skip = [re.compile(p) for p in skip]
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple[tuple, str]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    if k in where:
+                        raise CheckpointError(f"{f}: tensor '{k}' is also in shard '{where[k].name}'")
+                    if listed is not None and listed.get(k) != f:
+                        raise CheckpointError(f"{f}: tensor '{k}' is not listed for this shard in "
+                                              f"model.safetensors.index.json")
+                    sl = h.get_slice(k)
+                    where[k] = f
+                    shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: unreadable or truncated safetensors file ({e})") from None
+    if listed is not None:
+        absent = sorted(set(listed) - set(where))
+        if absent:
+            raise CheckpointError(f"{d / 'model.safetensors.index.json'}: tensor '{absent[0]}' is listed in "
+                                  f"'{listed[absent[0]].name}' but that shard does not hold it")
+    shapes = {k: v for k, v in shapes.items() if not any(p.search(k) for p in skip)}
+    plan = _plan_load(model, shapes, str(d), prefix, transpose, ignore_unexpected, optional)
+    expected = model.state_dict()
+    by_file: dict[Path, list[tuple[str, str, bool]]] = {}
+    for item in plan:
+        by_file.setdefault(where[item[1]], []).append(item)
+    with torch.no_grad():
+        for f, items in by_file.items():
+            with safe_open(str(f), "pt") as h:
+                for name, ck_name, tr in items:
+                    t = h.get_tensor(ck_name)
+                    expected[name].copy_(t.t() if tr else t)
+                    del t
 
 
 def save_checkpoint_dir(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
-                        transpose: Iterable[str] = (), skip: Iterable[str] = ()) -> Path:
-    """Write config.json + model.safetensors (metadata format=pt, as transformers writes)."""
+                        transpose: Iterable[str] = (), skip: Iterable[str] = (),
+                        max_shard_size: Optional[int] = None) -> Path:
+    """Write config.json + model.safetensors (metadata format=pt, as transformers writes). With max_shard_size
+    (bytes) and more tensor bytes than that: model-0000i-of-0000n.safetensors shards, tensors in order, each
+    shard at most max_shard_size unless one tensor alone is larger, plus model.safetensors.index.json."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     transpose = [re.compile(p) for p in transpose]
@@ -210,7 +326,27 @@ def save_checkpoint_dir(directory: str | os.PathLike, state: dict[str, torch.Ten
         if any(p.search(k) for p in skip):
             continue
         out[k] = v.t() if any(p.search(k) for p in transpose) and v.dim() == 2 else v
-    save_safetensors(out, d / "model.safetensors", metadata={"format": "pt"})
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    total = sum(nbytes(v) for v in out.values())
+    if max_shard_size is None or total <= max_shard_size:
+        save_safetensors(out, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would name old shards
+    else:
+        (d / "model.safetensors").unlink(missing_ok=True)  # a stale single file would win over the shards
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in out.items():
+            if shards[-1] and size + nbytes(v) > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes(v)
+        wmap = {}
+        for i, part in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors(part, d / name, metadata={"format": "pt"})
+            wmap.update({k: name for k in part})
+        save_json({"metadata": {"total_size": total}, "weight_map": wmap}, d / "model.safetensors.index.json")
     save_json(config, d / "config.json")
     return d
 

@@ -19,11 +19,13 @@ from minillm import hub
 from minillm.models.bert import BertForSequenceClassification, BertModel
 from minillm.models.distilbert import DistilBertForSequenceClassification, DistilBertModel
 from minillm.models.gpt2 import GPT2LMHeadModel
+from minillm.models.llama import LlamaForCausalLM
 from minillm.models.roberta import RobertaForSequenceClassification, RobertaModel
 from minillm.models.vit import ViTModel
 
 KINDS: dict[str, dict[str, type]] = {
-    "causal-lm": {"gpt2": GPT2LMHeadModel},
+    "causal-lm": {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "mistral": LlamaForCausalLM,
+                  "qwen2": LlamaForCausalLM},
     "encoder": {"bert": BertModel, "distilbert": DistilBertModel, "roberta": RobertaModel, "vit": ViTModel},
     "classifier": {"bert": BertForSequenceClassification, "distilbert": DistilBertForSequenceClassification,
                    "roberta": RobertaForSequenceClassification},
