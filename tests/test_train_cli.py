@@ -133,3 +133,20 @@ def test_classify_roberta(tmp_path):
     assert summary["eval"]["eval_subset_accuracy"] == 1.0  # two separable labels, learned
     m = RobertaForSequenceClassification.from_pretrained(str(out))
     assert m.config.id2label == {"0": "action", "1": "calm"}
+
+
+def test_sft_llama_qlora_chat(tmp_path):
+    """The same sft job on a Llama checkpoint: chat tokens added (embedding and untied head resized, their rows
+    trained), QLoRA on every Llama linear, merged and saved loadable; generate reads it."""
+    from minillm.models.llama import LlamaForCausalLM
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    out = tmp_path / "out"
+    assert main(["sft", "--model", "tiny-llama", "--data", str(data), "--completion-only", "--lora-r", "4",
+                 "--quantize", "nf4", "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--out", str(out)]) == 0
+    base, tuned = LlamaForCausalLM.from_pretrained("tiny-llama"), LlamaForCausalLM.from_pretrained(str(out))
+    assert tuned.config.vocab_size == base.config.vocab_size + 3
+    new = tuned.get_input_embeddings().weight[-3:]
+    assert not torch.allclose(new, base.get_input_embeddings().weight.mean(0, keepdim=True).expand_as(new))  # learned
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["final_loss"] < summary["first_loss"]
+    assert main(["generate", "--model", str(out), "--prompt", "say", "--max-new-tokens", "3"]) == 0

@@ -253,6 +253,10 @@ class GPT2LMHeadModel(nn.Module):
                                 encoder_hidden_states=encoder_hidden_states,
                                 encoder_attention_mask=encoder_attention_mask)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (the table new special tokens grow; prompt tuning prepends to its output)."""
+        return self.transformer.wte
+
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Activation (gradient) checkpointing: in training, each block keeps only its input and recomputes
         its activations during backward — memory for activations drops from O(layers × block internals) to

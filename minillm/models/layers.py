@@ -110,3 +110,12 @@ def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, mask: Optional[torc
         if output_attentions:
             attentions.append(w)
     return x, attentions
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width of a model's hidden states, whatever its config calls it (n_embd, hidden_size, dim, d_model)."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_embd", "hidden_size", "dim", "d_model"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), int):
+            return int(getattr(cfg, key))
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}; pass hidden_size")

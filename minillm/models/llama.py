@@ -390,6 +390,10 @@ class LlamaForCausalLM(nn.Module):
         """-> the last hidden states (B, T, C), after the final RMSNorm: what the LM head reads."""
         return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (the table new special tokens grow; prompt tuning prepends to its output)."""
+        return self.model.embed_tokens
+
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Activation checkpointing in training: each layer keeps only its input and recomputes the rest
         during backward (see GPT2LMHeadModel.gradient_checkpointing_enable)."""

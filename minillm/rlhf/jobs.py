@@ -25,7 +25,8 @@ from minillm.data.preference import load_pairs, load_prompts
 from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter
 from minillm.models.auto import load_model
 from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
-from minillm.rlhf.reward import RewardModel, RewardScorer, backbone_hidden_size, load_backbone, train_reward_model
+from minillm.models.layers import hidden_size
+from minillm.rlhf.reward import RewardModel, RewardScorer, load_backbone, train_reward_model
 from minillm.train.jobs import load_tokenizer
 from minillm.train.runlog import RunLog
 
@@ -49,7 +50,7 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
     backbone = load_backbone(model)
     pool = "last" if hasattr(backbone, "hidden_states") else "first"  # decoders: last token; encoders: [CLS]
     prepare_adapters(backbone, adapters)
-    rm = RewardModel(backbone, backbone_hidden_size(backbone), pool=pool).to(device)  # the head stays trainable
+    rm = RewardModel(backbone, hidden_size(backbone), pool=pool).to(device)  # the head stays trainable
     log = RunLog(Path(out) / "metrics.jsonl")
     log("rm", f"{type(backbone).__name__} backbone, pool={pool}, {len(train_pairs)} training / {len(eval_pairs)} "
               f"held-out pairs" + (f"; LoRA r={adapters.lora_r}{' on NF4 weights' if adapters.quantize else ''}"

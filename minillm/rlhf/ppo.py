@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.lora import adapters_disabled, lora_layers
+from minillm.models.layers import hidden_size as model_width
 from minillm.losses import entropy, masked_mean, masked_var, next_token_logits, token_logprobs, whiten
 from minillm.rlhf.gae import compute_gae  # noqa: F401  (re-exported: minillm.rlhf.ppo.compute_gae)
 from minillm.rlhf.kl import AdaptiveKLController, FixedKLController, compute_rewards
@@ -100,7 +101,7 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.model = model
         if hidden_size is None:
-            hidden_size = int(model.config.n_embd)
+            hidden_size = model_width(model)
         self.v_head = ValueHead(hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):

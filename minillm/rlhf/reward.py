@@ -35,6 +35,7 @@ from minillm import hub
 from minillm.data.preference import RewardPairCollator, join_text
 from minillm.losses import last_token_index
 from minillm.models.auto import KINDS, load_model, model_type
+from minillm.models.layers import hidden_size
 
 
 def _check_pair_tensors(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
@@ -170,14 +171,6 @@ def load_backbone(directory: str | Path, kind: Optional[str] = None) -> nn.Modul
     read; GPT-2) or an encoder (BERT, DistilBERT, ...). `kind` is accepted for old reward_config.json files."""
     d, mt = model_type(str(directory))
     return load_model(str(d), "causal-lm" if mt in KINDS["causal-lm"] else "encoder")
-
-
-def backbone_hidden_size(backbone: nn.Module) -> int:
-    cfg = getattr(backbone, "config", None) or getattr(backbone, "cfg", None)
-    for key in ("n_embd", "hidden_size", "dim"):
-        if cfg is not None and hasattr(cfg, key):
-            return int(getattr(cfg, key))
-    raise ValueError(f"cannot tell the hidden size of {type(backbone).__name__}; pass hidden_size")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,10 +66,15 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
     chat = any("messages" in r for r in records + eval_records)
     if chat:
         add_chat_tokens(tok, lm)
-    max_length = max_length or getattr(lm.config, "n_positions", None) or tok.model_max_length
+    max_length = (max_length or getattr(lm.config, "n_positions", None)
+                  or getattr(lm.config, "max_position_embeddings", None) or tok.model_max_length)
     train_set = encode_sft(records, tok, max_length, completion_only)
     eval_set = encode_sft(eval_records, tok, max_length, completion_only) if eval_records else None
-    new_rows = [lm.transformer.wte.weight] if chat else []  # the chat tokens' rows must learn (modules_to_save)
+    new_rows = []  # with chat tokens, the embedding (and an untied head) must learn their rows: modules_to_save
+    if chat:
+        new_rows = [lm.get_input_embeddings().weight]
+        if lm.lm_head.weight is not new_rows[0]:
+            new_rows.append(lm.lm_head.weight)
     prepare_adapters(lm, adapters, compute_dtype=PRECISIONS[train_config.precision], also_train=new_rows)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable()
