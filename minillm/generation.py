@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,25 +104,38 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the model's {n_pos} positions")
     was_training = model.training
     model.eval()
-    ids, mask = input_ids, attention_mask.long()
     cache = model.new_cache(T + max_new_tokens) if use_cache else None
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    step_input = ids
-    for _ in range(max_new_tokens):
+    prompt_mask = attention_mask.long()
+
+    def step(ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        mask = F.pad(prompt_mask, (0, ids.shape[1] - T), value=1)  # generated tokens are real: (B, T + done)
         if cache is not None:
-            logits = model(step_input, attention_mask=mask, cache=cache, **model_kwargs)[:, -1, :]
-        else:
-            logits = model(ids, attention_mask=mask, **model_kwargs)[:, -1, :]
-        tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            return model(new, attention_mask=mask, cache=cache, **model_kwargs)[:, -1, :]
+        return model(ids, attention_mask=mask, **model_kwargs)[:, -1, :]
+
+    ids = decode_loop(step, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                      pad_token_id, generator)
+    model.train(was_training)
+    return ids
+
+
+def decode_loop(step, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float,
+                top_k: Optional[int], top_p: Optional[float], eos_token_id: Optional[int], pad_token_id: int,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The loop both kinds of model share: step(ids so far, newest tokens) -> logits of the next token (B, V);
+    pick a token per row (next_token), give rows that already emitted EOS the pad token, append; stop after
+    max_new_tokens or when every row has finished. -> ids (B, start + new)."""
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new = ids
+    for _ in range(max_new_tokens):
+        tok = next_token(step(ids, new), do_sample, temperature, top_k, top_p, generator)
         tok = tok.masked_fill(finished, pad_token_id)
         ids = torch.cat([ids, tok[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        step_input = tok[:, None]
+        new = tok[:, None]
         if eos_token_id is not None:
             finished = finished | (tok == eos_token_id)
             if bool(finished.all()):
                 break
-    model.train(was_training)
     return ids
 
 
@@ -162,22 +176,15 @@ def generate_encoder_decoder(model, input_ids: torch.Tensor, attention_mask: Opt
     was_training = model.training
     model.eval()
     encoded = model.encode(input_ids, attention_mask)  # (B, S, d_model), once
-    ids = torch.full((B, 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    start = torch.full((B, 1), decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     cache = model.new_cache(1 + max_new_tokens) if use_cache else None
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    step_input = ids
-    for _ in range(max_new_tokens):
+
+    def step(ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         if cache is not None:
-            logits = model.decode(step_input, encoded, attention_mask, cache=cache)[:, -1, :]
-        else:
-            logits = model.decode(ids, encoded, attention_mask)[:, -1, :]
-        tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
-        tok = tok.masked_fill(finished, pad_token_id)
-        ids = torch.cat([ids, tok[:, None]], dim=1)
-        step_input = tok[:, None]
-        if eos_token_id is not None:
-            finished = finished | (tok == eos_token_id)
-            if bool(finished.all()):
-                break
+            return model.decode(new, encoded, attention_mask, cache=cache)[:, -1, :]
+        return model.decode(ids, encoded, attention_mask)[:, -1, :]
+
+    ids = decode_loop(step, start, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                      pad_token_id, generator)
     model.train(was_training)
     return ids
