@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 DATA_FORMATS = ("Records: {prompt, completion} | {english, latex} (the book's LaTeX prompt) | {messages: [{role, "
                 "content}, ...]} (roles human/user, bot/assistant; the ###HUMAN###/###BOT###/###STOP### chat format) | "
-                "{text}. Runs under torchrun for DDP.")
+                "{text}. A T5 checkpoint takes {input, target} (or {prompt, completion}, {english, latex}). "
+                "Runs under torchrun for DDP.")
 
 
 # ---- options generated from config dataclasses ----
@@ -133,7 +134,7 @@ def cmd_sft(args) -> int:
 
 
 def add_sft(sub) -> None:
-    p = sub.add_parser("sft", help="supervised fine-tuning of a causal LM (full, LoRA, or QLoRA)",
+    p = sub.add_parser("sft", help="supervised fine-tuning of a causal LM or T5 (full, LoRA, or QLoRA)",
                        description=DATA_FORMATS)
     p.add_argument("--model", default="tiny-gpt2", help="checkpoint directory, weights/<name>, or hub id")
     p.add_argument("--data", required=True, help="training JSONL or CSV")
@@ -172,6 +173,27 @@ def add_classify(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.5)
     add_train_args(p, epochs=1, batch_size=8, lr=5e-5)
     p.set_defaults(func=cmd_classify)
+
+
+def cmd_evaluate(args) -> int:
+    from minillm.evaluation import evaluate_rouge
+    s = evaluate_rouge(args.model, args.data, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       device=args.device)
+    print(" | ".join(f"{k} {s[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")) + f" (n={s['n']})")
+    return 0
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="greedy-generate for each record and score against its target (ROUGE)",
+                       description="Records {input, target} | {prompt, completion} | {english, latex}. Encoder-"
+                                   "decoder (T5) or causal LM checkpoints. Prints mean F1 of rouge1/2/L/Lsum.")
+    p.add_argument("--model", required=True, help="checkpoint directory, weights/<name>, or hub id")
+    p.add_argument("--data", required=True, help="JSONL or CSV")
+    p.add_argument("--metric", default="rouge", choices=["rouge"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_train_reward(args) -> int:
@@ -286,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (add_generate, add_rlhf_demo, add_train_reward, add_ppo, add_attention, add_sft, add_classify,
-                add_vqa_demo):
+                add_evaluate, add_vqa_demo):
         add(sub)
     return ap
 

@@ -83,6 +83,19 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / n.clamp(min=1)
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of logits_t against labels_t — the SAME position, no next-token shift — summed over
+    labels ≠ −100, and their count: (B, T, V), (B, T) -> (scalar, scalar).
+
+    For an encoder-decoder the decoder was fed the labels already shifted right (decoder_input_ids =
+    [start] + labels[:-1]), so decoder logit t predicts label t. Computed in at least fp32."""
+    V = logits.shape[-1]
+    flat = labels.reshape(-1)  # (B·T,)
+    logits = logits.reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32))  # (B·T, V)
+    loss = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (flat != IGNORE_INDEX).sum()
+
+
 # ---- masked reductions ----
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     """Mean of x over entries where mask is 1. dim=None: one number (an all-zero mask is an error);

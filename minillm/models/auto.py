@@ -21,6 +21,7 @@ from minillm.models.distilbert import DistilBertForSequenceClassification, Disti
 from minillm.models.gpt2 import GPT2LMHeadModel
 from minillm.models.llama import LlamaForCausalLM
 from minillm.models.roberta import RobertaForSequenceClassification, RobertaModel
+from minillm.models.t5 import T5ForConditionalGeneration
 from minillm.models.vit import ViTModel
 
 KINDS: dict[str, dict[str, type]] = {
@@ -29,6 +30,7 @@ KINDS: dict[str, dict[str, type]] = {
     "encoder": {"bert": BertModel, "distilbert": DistilBertModel, "roberta": RobertaModel, "vit": ViTModel},
     "classifier": {"bert": BertForSequenceClassification, "distilbert": DistilBertForSequenceClassification,
                    "roberta": RobertaForSequenceClassification},
+    "seq2seq": {"t5": T5ForConditionalGeneration},  # encoder-decoder LMs: encode the input, decode the target
 }
 
 
@@ -50,6 +52,6 @@ def model_class(name_or_path: str, kind: str) -> tuple[Path, type]:
 
 
 def load_model(name_or_path: str, kind: str, **kwargs) -> nn.Module:
-    """Load a checkpoint as `kind` ("causal-lm", "encoder", "classifier"); kwargs go to from_pretrained."""
+    """Load a checkpoint as `kind` ("causal-lm", "encoder", "classifier", "seq2seq"); kwargs go to from_pretrained."""
     d, cls = model_class(name_or_path, kind)
     return cls.from_pretrained(str(d), **kwargs)

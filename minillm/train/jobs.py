@@ -8,6 +8,9 @@ from_pretrained and transformers read, and write a summary.
 sft: causal-LM fine-tuning on {prompt, completion} | {english, latex} | {messages} | {text} records
 (data/sft.py), optionally completion-only (the loss on the response alone, as SAWYER's SFT); with
 LoRA the adapter is saved in peft's files under <out>/adapter and merged into the saved model.
+An encoder-decoder checkpoint (a model_type of models.auto's "seq2seq" kind: T5) trains instead on
+{input, target} | {prompt, completion} | {english, latex} records (data/seq2seq.py): the encoder
+reads the input, the decoder is taught the target (seq2seq_loss); the rest of the recipe is the same.
 
 classify: multi-label sequence classification (the book's movie genres, ch. 10) with BCE over every
 (example, label), partial freezing, and micro F1 / Jaccard / subset accuracy / ROC-AUC at the end.
@@ -27,13 +30,14 @@ import torch.nn.functional as F
 
 from minillm.data.classification import ClassificationCollator, encode_classification, label_set
 from minillm.data.readers import read_records
+from minillm.data.seq2seq import Seq2SeqCollator, encode_seq2seq
 from minillm.data.sft import CausalLMCollator, add_chat_tokens, encode_sft
 from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter
-from minillm.models.auto import load_model, model_class
+from minillm.models.auto import KINDS, load_model, model_class, model_type
 from minillm.tokenizer import Tokenizer
 from minillm.train.freezing import freeze_below_layer
 from minillm.train.loop import (PRECISIONS, TrainConfig, causal_lm_loss, evaluate, setup_distributed,
-                                teardown_distributed, to_device, train)
+                                seq2seq_loss, teardown_distributed, to_device, train)
 from minillm.train.metrics import multilabel_metrics
 
 
@@ -55,32 +59,43 @@ def _write_summary(out: Path, summary: dict) -> None:
 def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters: AdapterConfig = AdapterConfig(),
             eval_data: Optional[str] = None, completion_only: bool = False, max_length: Optional[int] = None,
             gradient_checkpointing: bool = False) -> dict:
-    """Supervised fine-tuning of a causal LM; returns the summary written to <out>/train_summary.json."""
+    """Supervised fine-tuning of a causal LM or (T5) an encoder-decoder; returns the summary written to
+    <out>/train_summary.json."""
     rank, _ = setup_distributed()
     # Everything that can fail on bad data happens here, before any training.
     records = read_records(data)
     eval_records = read_records(eval_data) if eval_data else []
     torch.manual_seed(train_config.seed)  # new LoRA matrices and resized embedding rows are seeded too
-    lm = load_model(model, "causal-lm")
-    tok = load_tokenizer(model)
-    chat = any("messages" in r for r in records + eval_records)
-    if chat:
-        add_chat_tokens(tok, lm)
-    max_length = (max_length or getattr(lm.config, "n_positions", None)
-                  or getattr(lm.config, "max_position_embeddings", None) or tok.model_max_length)
-    train_set = encode_sft(records, tok, max_length, completion_only)
-    eval_set = encode_sft(eval_records, tok, max_length, completion_only) if eval_records else None
-    new_rows = []  # with chat tokens, the embedding (and an untied head) must learn their rows: modules_to_save
-    if chat:
-        new_rows = [lm.get_input_embeddings().weight]
-        if lm.lm_head.weight is not new_rows[0]:
-            new_rows.append(lm.lm_head.weight)
+    is_seq2seq = model_type(model)[1] in KINDS["seq2seq"]
+    if is_seq2seq:  # encoder-decoder: {input, target}; the loss is on the target alone by construction
+        lm = load_model(model, "seq2seq")
+        tok = load_tokenizer(model)
+        train_set = encode_seq2seq(records, tok, max_length, max_length)
+        eval_set = encode_seq2seq(eval_records, tok, max_length, max_length) if eval_records else None
+        collate, loss_fn, new_rows = Seq2SeqCollator(tok.pad_token_id, lm.config.start_token_id), seq2seq_loss, []
+        if gradient_checkpointing:
+            raise ValueError("gradient checkpointing is not implemented for encoder-decoder models")
+    else:
+        lm = load_model(model, "causal-lm")
+        tok = load_tokenizer(model)
+        chat = any("messages" in r for r in records + eval_records)
+        if chat:
+            add_chat_tokens(tok, lm)
+        max_length = (max_length or getattr(lm.config, "n_positions", None)
+                      or getattr(lm.config, "max_position_embeddings", None) or tok.model_max_length)
+        train_set = encode_sft(records, tok, max_length, completion_only)
+        eval_set = encode_sft(eval_records, tok, max_length, completion_only) if eval_records else None
+        new_rows = []  # with chat tokens, the embedding (and an untied head) must learn their rows: modules_to_save
+        if chat:
+            new_rows = [lm.get_input_embeddings().weight]
+            if lm.lm_head.weight is not new_rows[0]:
+                new_rows.append(lm.lm_head.weight)
+        collate, loss_fn = CausalLMCollator(tok.pad_token_id), causal_lm_loss
     prepare_adapters(lm, adapters, compute_dtype=PRECISIONS[train_config.precision], also_train=new_rows)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable()
-    collate = CausalLMCollator(tok.pad_token_id)
-    eval_fn = (lambda m: evaluate(m, eval_set, collate, causal_lm_loss, train_config.batch_size)) if eval_set else None
-    result = train(lm, train_set, collate, causal_lm_loss, train_config, eval_fn=eval_fn,
+    eval_fn = (lambda m: evaluate(m, eval_set, collate, loss_fn, train_config.batch_size)) if eval_set else None
+    result = train(lm, train_set, collate, loss_fn, train_config, eval_fn=eval_fn,
                    lengths=[len(e["input_ids"]) for e in train_set])
     summary = {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,
                "final_loss": result.losses[-1] if result.losses else None, "evals": result.evals, "out": out}

@@ -22,7 +22,7 @@ Interface (everything else in minillm calls this):
     result = train(model, dataset, collate, loss_fn, TrainConfig(...), eval_fn=None, lengths=None)
 
     dataset  a sequence of examples (len + indexing); collate(list_of_examples) -> dict of tensors
-    loss_fn  (model, batch) -> (loss_sum: scalar tensor, n: int or tensor); `causal_lm_loss` below
+    loss_fn  (model, batch) -> (loss_sum: scalar tensor, n: int or tensor); `causal_lm_loss`, `seq2seq_loss` below
     eval_fn  (model) -> dict of floats, run every eval_every steps and at the end (no_grad, eval mode)
     lengths  per-example lengths, for length-grouped batching (config.group_by_length)
     result   TrainResult: per-step losses, eval rows, tokens, seconds
@@ -61,7 +61,7 @@ from torch.utils.data import DistributedSampler
 
 from minillm.data.batching import length_grouped
 from minillm.hub import CheckpointError
-from minillm.losses import lm_loss_sum
+from minillm.losses import lm_loss_sum, token_loss_sum
 from minillm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from minillm.train.device import pick_device
 from minillm.train.runlog import RunLog, format_eta
@@ -132,6 +132,16 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         mask = None  # fast path: no padding, the fused kernel's own causal mask (same logits)
     logits = model(batch["input_ids"], attention_mask=mask)  # (B, T, V)
     return lm_loss_sum(logits, batch["labels"])
+
+
+def seq2seq_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_fn for encoder-decoders (T5): batch from data/seq2seq.Seq2SeqCollator. The decoder reads
+    decoder_input_ids = labels shifted right, so its logits at t are scored against labels at t —
+    plain cross-entropy, WITHOUT the causal LM's next-token shift (token_loss_sum)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"],
+                   decoder_attention_mask=batch.get("decoder_attention_mask"))  # (B, T_dec, V)
+    return token_loss_sum(logits, batch["labels"])
 
 
 # ---- pieces of the loop ----
