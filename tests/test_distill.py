@@ -140,3 +140,18 @@ def test_mismatched_vocab_and_bad_arguments_are_errors():
         distillation_loss(zs, zt, labels, temperature=0.0)
     with pytest.raises(ValueError, match="alpha"):
         distillation_loss(zs, zt, labels, alpha=1.5)
+
+
+def test_distill_demo_runs_small():
+    from minillm.demos.distill_demo import distill_demo, format_result
+    r = distill_demo(teacher_examples=64, student_examples=16, heldout=16, teacher_steps=3, student_steps=3)
+    assert r["student_params"] < r["teacher_params"]
+    assert all(r[k] > 0 for k in ("teacher_heldout_loss", "student_hard_heldout_loss", "student_distilled_heldout_loss"))
+    assert "distilled" in format_result(r)
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_hard_labels():
+    from minillm.demos.distill_demo import distill_demo
+    r = distill_demo()
+    assert r["student_distilled_heldout_loss"] < r["student_hard_heldout_loss"] - 0.03

@@ -180,3 +180,15 @@ def test_peft_reads_ours_and_we_read_peft_live(tmp_path):
     torch.testing.assert_close(mine[real], ref[real], atol=ATOL, rtol=0)
     mine_text = apply_prompt_tuning(tiny(), 4, init="text", init_text="a b c", tokenizer=tok)
     assert torch.equal(mine_text.prompt_embeddings.detach(), back.prompt_embeddings.detach())
+
+
+# ---- the course's comparison ----
+def test_compare_peft_methods_rows():
+    from minillm.demos.peft_comparison import compare_peft_methods, format_rows
+    rows = compare_peft_methods(steps=3, batch_size=4, n_train=16, n_eval=8)
+    full, lora, prompt = rows
+    assert full["trainable"] == full["total"] == 141_056
+    assert lora["trainable"] == 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # r·(in+out), 2 layers
+    assert prompt["trainable"] == 20 * 64 and prompt["total"] == 141_056 + 1_280
+    assert all(r["final_train_loss"] > 0 and r["heldout_loss"] > 0 for r in rows)
+    assert "prompt tuning" in format_rows(rows)
