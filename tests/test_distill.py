@@ -102,7 +102,7 @@ def test_gradient_scale_independent_of_temperature_thanks_to_t_squared(seed):
     """Hinton et al.: with T², ∂loss/∂z_s → (z_s − z_t − mean)/(V·N) as T grows; without it the gradient shrinks as 1/T²."""
     zs, zt, labels = case(seed, scale=1.0)
     n20, _ = soft_grad_norm(zs, zt, labels, 20.0)
-    n80, g80 = soft_grad_norm(zs, zt, labels, 80.0)
+    n80, _ = soft_grad_norm(zs, zt, labels, 80.0)
     assert abs(n80 / n20 - 1) < 0.02
     raw20, _ = soft_grad_norm(zs, zt, labels, 20.0, squared=False)
     raw80, _ = soft_grad_norm(zs, zt, labels, 80.0, squared=False)
@@ -110,7 +110,8 @@ def test_gradient_scale_independent_of_temperature_thanks_to_t_squared(seed):
     keep = F.pad(labels[:, 1:], (0, 1), value=-100) != -100
     d = (zs - zt).double()
     limit = (d - d.mean(-1, keepdim=True)) / zs.shape[-1] * keep[..., None] / keep.sum()
-    torch.testing.assert_close(g80, limit, atol=0.02 * limit.abs().max().item(), rtol=0)
+    _, g400 = soft_grad_norm(zs, zt, labels, 400.0)  # the O(|z|/T) correction is ~1% here
+    torch.testing.assert_close(g400, limit, atol=0.03 * limit.abs().max().item(), rtol=0)
 
 
 def test_loss_fn_freezes_teacher_and_trains_student():
