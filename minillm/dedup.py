@@ -39,12 +39,13 @@ def greedy_dedup(embeddings: torch.Tensor, threshold: float, block_size: int = 1
     e = embeddings.float()
     N = e.shape[0]
     kept: list[int] = []
-    kept_vecs = torch.empty(0, e.shape[1])  # (K, d), grows
+    kept_vecs = torch.empty(N, e.shape[1])  # (N, d) buffer; the first K rows hold the kept vectors
     for start in range(0, N, block_size):
         block = e[start:start + block_size]  # (b, d)
         alive = np.ones(block.shape[0], dtype=bool)
-        for c in range(0, kept_vecs.shape[0], chunk_size):  # against everything kept before the block
-            sims = block @ kept_vecs[c:c + chunk_size].T  # (b, chunk)
+        K = len(kept)
+        for c in range(0, K, chunk_size):  # against everything kept before the block
+            sims = block @ kept_vecs[c:min(c + chunk_size, K)].T  # (b, chunk)
             alive &= ~(sims >= threshold).any(dim=1).numpy()
         inner = (block @ block.T >= threshold).numpy()  # (b, b)
         new = []
@@ -53,8 +54,8 @@ def greedy_dedup(embeddings: torch.Tensor, threshold: float, block_size: int = 1
                 continue
             new.append(j)
             alive[j + 1:] &= ~inner[j, j + 1:]
+        kept_vecs[K:K + len(new)] = block[new]
         kept += [start + j for j in new]
-        kept_vecs = torch.cat([kept_vecs, block[new]])
     return kept
 
 
