@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # The parts, in dependency order (later parts may use earlier parts' tiny checkpoints).
-PARTS = ["gpt2", "encoders", "nf4", "lora", "metrics", "rlhf", "vqa", "roberta", "text_metrics", "t5", "llama"]
+PARTS = ["gpt2", "encoders", "nf4", "lora", "metrics", "rlhf", "vqa", "roberta", "text_metrics", "t5", "llama", "prompt_tuning"]
 
 
 def main(argv: list[str]) -> None:
