@@ -260,23 +260,24 @@ def add_ppo(sub) -> None:
 
 def cmd_rlhf_demo(args) -> int:
     from minillm.demos.rlhf_demo import DemoConfig, run_demo
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(DemoConfig)}
-             and v is not None}
-    run_demo(DemoConfig.tiny(**given) if args.tiny else DemoConfig(**given))
+    from minillm.rlhf.ppo import PPOConfig
+    names = {f.name for f in dataclasses.fields(DemoConfig)} | {f.name for f in dataclasses.fields(PPOConfig)}
+    run_demo(DemoConfig.make(args.tiny, **{k: v for k, v in vars(args).items() if k in names and v is not None}))
     return 0
 
 
 def add_rlhf_demo(sub) -> None:
     from minillm.demos.rlhf_demo import DemoConfig
     from minillm.rlhf.kl import KL_ESTIMATORS
+    from minillm.rlhf.ppo import PPOConfig
     p = sub.add_parser("rlhf-demo", help="offline RLHF end to end: SFT -> reward model -> PPO with a KL penalty")
-    add_config_args(p, DemoConfig, ["out", "kl_coef", "adaptive_kl", "target_kl", "kl_estimator", "ppo_steps", "seed",
-                                    "threads"],
-                    defaults={n: None for n in ("ppo_steps", "adaptive_kl")},
-                    help={"kl_coef": "initial β of the KL penalty (0: off, shows reward hacking)",
-                          "target_kl": "adaptive controller's target, nats per response",
-                          "threads": "torch CPU threads (1 is fastest on a busy 2-core box)"},
-                    choices={"kl_estimator": KL_ESTIMATORS})
+    add_config_args(p, DemoConfig, ["out", "ppo_steps", "seed", "threads"], defaults={"ppo_steps": None},
+                    help={"threads": "torch CPU threads (1 is fastest on a busy 2-core box)"})
+    add_config_args(p, PPOConfig, ["init_kl_coef", "adaptive_kl", "target_kl", "kl_estimator"],
+                    defaults={n: None for n in ("init_kl_coef", "adaptive_kl", "target_kl", "kl_estimator")},
+                    help={"init_kl_coef": "initial β of the KL penalty (0: off, shows reward hacking)",
+                          "target_kl": "adaptive controller's target, nats per response"},
+                    choices={"kl_estimator": KL_ESTIMATORS}, flags={"init_kl_coef": "--kl-coef"})
     p.add_argument("--tiny", action="store_true", help="seconds-scale settings (a smoke run; numbers are rough)")
     p.set_defaults(func=cmd_rlhf_demo)
 

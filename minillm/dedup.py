@@ -26,6 +26,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from minillm.data.readers import DataError, read_jsonl
+
 
 def greedy_dedup(embeddings: torch.Tensor, threshold: float, block_size: int = 1024,
                  chunk_size: int = 16384) -> list[int]:
@@ -88,23 +90,13 @@ def dedup_jsonl(path: Union[str, Path], field: str, threshold: float, out_path: 
                 model_name: str = "all-MiniLM-L6-v2", batch_size: int = 64, max_length: int = 256,
                 model=None, tokenizer=None) -> dict:
     """Read a JSONL file, keep the records whose `field` is not a near-duplicate (cosine ≥ threshold) of an earlier
-    kept one, write them, unchanged and in order, to out_path. Returns counts and seconds."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    lines, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field '{field}'")
-            lines.append(line.rstrip("\n"))
-            texts.append(rec[field])
+    kept one, write them, in order, to out_path (one JSON object a line). Returns counts and seconds."""
+    records = read_jsonl(path)
+    for rec in records:
+        if not isinstance(rec.get(field), str):
+            raise DataError(f"{rec['_where']}: expected an object with a string field '{field}'")
+    lines = [json.dumps({k: v for k, v in rec.items() if k != "_where"}, ensure_ascii=False) for rec in records]
+    texts = [rec[field] for rec in records]
     t0 = time.perf_counter()
     emb = embed_texts(texts, model=model, tokenizer=tokenizer, model_name=model_name, batch_size=batch_size,
                       max_length=max_length) if texts else torch.empty(0, 1)

@@ -72,14 +72,35 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"or pass a local directory.") from None
 
 
-def read_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / "config.json"
+def read_json(path: str | os.PathLike) -> dict:
+    """A checkpoint's JSON file (config.json, adapter_config.json, ...) as a dict; missing, malformed or not an
+    object is a CheckpointError naming the file (and line)."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing config.json")
+        raise CheckpointError(f"{path}: missing {path.name}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise CheckpointError(f"{path}: not valid JSON ({where})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    return read_json(Path(directory) / "config.json")
+
+
+def classifier_config(raw: dict, num_labels: Optional[int], problem_type: Optional[str]) -> dict:
+    """A sequence classifier's config dict: `num_labels` new labels (LABEL_0…) unless the checkpoint already has
+    that many; the problem type when given."""
+    raw = dict(raw)
+    if num_labels is not None and (not raw.get("id2label") or len(raw["id2label"]) != num_labels):
+        raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    if problem_type is not None:
+        raw["problem_type"] = problem_type
+    return raw
 
 
 def config_from_dict(cls, d: dict, path: str = "config.json"):
@@ -313,8 +334,9 @@ def load_checkpoint_strict(model: torch.nn.Module, directory: str | os.PathLike,
 
 def save_checkpoint_dir(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
                         transpose: Iterable[str] = (), skip: Iterable[str] = (),
-                        max_shard_size: Optional[int] = None) -> Path:
-    """Write config.json + model.safetensors (metadata format=pt, as transformers writes). With max_shard_size
+                        max_shard_size: Optional[int] = None, source: Optional[Path] = None) -> Path:
+    """Write config.json + model.safetensors (metadata format=pt, as transformers writes), and the tokenizer files
+    of `source` (the directory the model was loaded from) when it has them. With max_shard_size
     (bytes) and more tensor bytes than that: model-0000i-of-0000n.safetensors shards, tensors in order, each
     shard at most max_shard_size unless one tensor alone is larger, plus model.safetensors.index.json."""
     d = Path(directory)
@@ -348,6 +370,7 @@ def save_checkpoint_dir(directory: str | os.PathLike, state: dict[str, torch.Ten
             wmap.update({k: name for k in part})
         save_json({"metadata": {"total_size": total}, "weight_map": wmap}, d / "model.safetensors.index.json")
     save_json(config, d / "config.json")
+    copy_tokenizer_files(source, d)
     return d
 
 
@@ -364,6 +387,21 @@ def copy_tokenizer_files(src: Optional[Path], dst: str | os.PathLike) -> None:
 
 def as_config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def hub_config(cfg, architecture: str, optional: Iterable[str] = ("id2label", "problem_type", "classifier_dropout")
+               ) -> dict:
+    """A config dataclass as the hub's config.json: minillm's own `use_sdpa` flag dropped, optional keys left out
+    when None, label2id written beside id2label, `architectures` set."""
+    d = dataclasses.asdict(cfg)
+    d.pop("use_sdpa", None)
+    for k in optional:
+        if k in d and d[k] is None:
+            d.pop(k)
+    if d.get("id2label"):
+        d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
+    d["architectures"] = [architecture]
+    return d
 
 
 

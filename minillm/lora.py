@@ -346,14 +346,8 @@ UNSUPPORTED = {"use_dora": (False, None), "modules_to_save": (None, []), "rank_p
 
 
 def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:
-    import json
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise hub.CheckpointError(f"{path}: missing adapter_config.json")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise hub.CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    cfg = hub.read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise hub.CheckpointError(f"{path}: peft_type '{cfg.get('peft_type')}' is not LORA")
     for key, ok in UNSUPPORTED.items():

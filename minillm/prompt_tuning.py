@@ -216,14 +216,8 @@ def save_prompt_tuning(model: PromptTuningModel, directory: Union[str, os.PathLi
 
 
 def read_prompt_tuning_config(directory: Union[str, os.PathLike]) -> dict:
-    import json
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise hub.CheckpointError(f"{path}: missing adapter_config.json")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise hub.CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    cfg = hub.read_json(path)
     if cfg.get("peft_type") != "PROMPT_TUNING":
         raise hub.CheckpointError(f"{path}: peft_type {cfg.get('peft_type')!r} is not PROMPT_TUNING")
     n = cfg.get("num_virtual_tokens")

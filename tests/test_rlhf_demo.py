@@ -16,7 +16,7 @@ PPO_KEYS = {"score", "kl", "kl_coef", "entropy", "clipfrac", "approxkl", "value_
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    s = run_demo(DemoConfig.tiny(out=str(out / "t")), quiet=True)
+    s = run_demo(DemoConfig.make(tiny=True, out=str(out / "t")), quiet=True)
     return out / "t", s
 
 
@@ -81,6 +81,6 @@ def test_full_demo_reaches_targets(tmp_path):
 
 @pytest.mark.slow
 def test_kl0_shows_reward_hacking(tmp_path):
-    s = run_demo(DemoConfig(out=str(tmp_path), kl_coef=0.0), quiet=True)
+    s = run_demo(DemoConfig.make(out=str(tmp_path), init_kl_coef=0.0), quiet=True)
     assert s["ppo"]["proxy"]["mean"] > s["sft"]["proxy"]["mean"]
     assert s["checks"]["reward_hacking_shown"]

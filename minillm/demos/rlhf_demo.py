@@ -8,7 +8,7 @@
     the SFT GPT-2 body, as InstructGPT initializes it) is trained with the margin loss and checked on
     pairs from held-out prompts.
 (c) PPO tunes the SFT policy against the reward model, with a per-token KL penalty to the frozen
-    SFT reference and the adaptive KL controller. `kl_coef=0` turns the penalty off: the proxy
+    SFT reference and the adaptive KL controller. `init_kl_coef=0` turns the penalty off: the proxy
     reward still rises, while the true score or the diversity of the text falls (reward hacking).
 
 Held-out evaluation (64 prompts never used for training) compares the SFT and PPO policies on
@@ -28,7 +28,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -48,53 +48,55 @@ from minillm.train.loop import TrainConfig, causal_lm_loss, train
 from minillm.train.runlog import RunLog
 
 
+def _sft_settings() -> TrainConfig:
+    return TrainConfig(lr=2e-3, weight_decay=0.0, warmup_steps=30, max_steps=300, batch_size=64, max_grad_norm=1.0,
+                       log_every=50, device="cpu")
+
+
+def _rm_settings() -> TrainConfig:
+    return TrainConfig(lr=1e-3, epochs=4, batch_size=64, weight_decay=0.0)
+
+
+def _ppo_settings() -> PPOConfig:
+    return PPOConfig(lr=1e-4, batch_size=64, mini_batch_size=16, ppo_epochs=4, init_kl_coef=0.1, adaptive_kl=True,
+                     target_kl=3.0, horizon=1000.0, kl_estimator="k1", max_new_tokens=20)
+
+
 @dataclass
 class DemoConfig:
     out: str = "runs/rlhf-demo"      # everything the run writes goes here
     seed: int = 0
-    # model
-    n_embd: int = 64
+    n_embd: int = 64                 # the GPT-2 policy (and the BERT reward model: same size)
     n_layer: int = 2
     n_head: int = 4
-    max_new_tokens: int = 20
-    # (a) SFT
+    sft: TrainConfig = field(default_factory=_sft_settings)   # (a) SFT with the one training loop
     sft_examples: int = 4000
-    sft_steps: int = 300
-    sft_batch: int = 64
-    sft_lr: float = 2e-3
-    # (b) labels and reward model
+    rm: TrainConfig = field(default_factory=_rm_settings)     # (b) labels and reward model (epochs, batch, lr)
     k_responses: int = 6
     label_noise: float = 0.5
-    rm_epochs: int = 4
-    rm_batch: int = 64
-    rm_lr: float = 1e-3
     rm_center_coef: float = 0.01
     use_margin: bool = True
     rm_backbone: str = "bert"         # "bert": a small BERT from scratch, [CLS] pooled; "gpt2": the SFT body, last token
-    # (c) PPO
+    ppo: PPOConfig = field(default_factory=_ppo_settings)     # (c) PPO (max_new_tokens: the response length)
     ppo_steps: int = 40
-    ppo_batch: int = 64
-    ppo_mini_batch: int = 16
-    ppo_epochs: int = 4
-    ppo_lr: float = 1e-4
-    kl_coef: float = 0.1
-    adaptive_kl: bool = True
-    target_kl: float = 3.0
-    horizon: float = 1000.0
-    kl_estimator: str = "k1"
-    # evaluation
-    n_heldout: int = 64
+    n_heldout: int = 64               # evaluation
     eval_samples: int = 4
     threads: Optional[int] = 1     # 1 is fastest on a shared 2-core machine (2 threads oversubscribe badly)
 
     @classmethod
-    def tiny(cls, **kw) -> "DemoConfig":
-        """Seconds-scale settings for tests: everything runs, numbers are rough."""
-        base = dict(n_embd=32, n_layer=1, n_head=2, sft_examples=800, sft_steps=120, sft_batch=32, k_responses=4,
-                    rm_epochs=2, ppo_steps=3, ppo_batch=32, ppo_mini_batch=16, ppo_epochs=2, n_heldout=64,
-                    eval_samples=1, max_new_tokens=16)
-        base.update(kw)
-        return cls(**base)
+    def make(cls, tiny: bool = False, **kw) -> "DemoConfig":
+        """A config from flat settings: DemoConfig's own fields, and PPOConfig's (kl coefficient, target,
+        estimator, ...) for the PPO step. tiny: seconds-scale settings for tests (everything runs, numbers rough)."""
+        ppo_names = {f.name for f in fields(PPOConfig)}
+        ppo_kw = {k: kw.pop(k) for k in list(kw) if k in ppo_names}
+        cfg = cls(**kw)
+        if tiny:
+            base = dict(n_embd=32, n_layer=1, n_head=2, sft_examples=800, k_responses=4, n_heldout=64, eval_samples=1,
+                        sft=replace(cfg.sft, max_steps=120, batch_size=32), rm=replace(cfg.rm, epochs=2),
+                        ppo=replace(cfg.ppo, batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=16),
+                        ppo_steps=3)
+            cfg = replace(cfg, **{k: v for k, v in base.items() if k not in kw})
+        return replace(cfg, ppo=replace(cfg.ppo, **ppo_kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,10 +154,8 @@ def sft_examples(tok: Tokenizer, pairs: list[tuple[str, str]]) -> list[dict]:
 def train_sft(model: GPT2LMHeadModel, tok: Tokenizer, corpus: list, cfg: DemoConfig, log: RunLog) -> None:
     """Completion-only causal-LM loss (the response and its EOS) with the one training loop: AdamW, warmup then
     linear decay, gradient clipping."""
-    tcfg = TrainConfig(lr=cfg.sft_lr, weight_decay=0.0, warmup_steps=30, schedule="linear", max_steps=cfg.sft_steps,
-                       batch_size=cfg.sft_batch, max_grad_norm=1.0, seed=cfg.seed + 1, log_every=50, device="cpu")
-    train(model, sft_examples(tok, corpus), CausalLMCollator(tok.pad_token_id), causal_lm_loss, tcfg, log=log,
-          phase="sft")
+    train(model, sft_examples(tok, corpus), CausalLMCollator(tok.pad_token_id), causal_lm_loss,
+          replace(cfg.sft, seed=cfg.seed + 1), log=log, phase="sft")
     model.eval()
 
 
@@ -200,10 +200,10 @@ def label_pairs(prompts: list[str], responses_per_prompt: list[list[str]], rng: 
 def train_rm(rm: RewardModel, tok: Tokenizer, train_pairs: list[dict], test: list[dict], cfg: DemoConfig,
              log: RunLog) -> dict:
     def show(r):
-        log("rm", f"epoch {r['epoch']}/{cfg.rm_epochs}  loss {r['loss']:.3f}  train acc {r['train_acc']:.3f}  "
+        log("rm", f"epoch {r['epoch']}/{cfg.rm.epochs}  loss {r['loss']:.3f}  train acc {r['train_acc']:.3f}  "
                   f"held-out acc {r['eval_acc']:.3f}", epoch=r["epoch"], loss=r["loss"], train_acc=r["train_acc"],
             heldout_acc=r["eval_acc"])
-    r = train_reward_model(rm, tok, train_pairs, test, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch, lr=cfg.rm_lr,
+    r = train_reward_model(rm, tok, train_pairs, test, epochs=cfg.rm.epochs, batch_size=cfg.rm.batch_size, lr=cfg.rm.lr,
                            center_coef=cfg.rm_center_coef, use_margin=cfg.use_margin, seed=cfg.seed + 2, log=show)
     return {"heldout_acc": r["eval_acc"], "train_acc": r["train_acc"], "n_train_pairs": len(train_pairs),
             "n_heldout_pairs": len(test)}
@@ -297,7 +297,7 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     hp = [p for p, _ in heldout]
     def k_samples(prompts):
         flat = sample_responses(sft_lm, tok, [p for p in prompts for _ in range(cfg.k_responses)],
-                                cfg.max_new_tokens, gen)
+                                cfg.ppo.max_new_tokens, gen)
         return [flat[i * cfg.k_responses:(i + 1) * cfg.k_responses] for i in range(len(prompts))]
     rounds = max(1, math.ceil(2000 / (len(tp) * cfg.k_responses * (cfg.k_responses - 1) / 2 * 0.8)))
     train_pairs = []
@@ -319,27 +319,24 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     rm.save_pretrained(out / "rm")
     rm_tok.save_pretrained(out / "rm")
     with torch.no_grad():
-        sft_resps = sample_responses(sft_lm, tok, [p for p in tp for _ in range(2)], cfg.max_new_tokens, gen)
+        sft_resps = sample_responses(sft_lm, tok, [p for p in tp for _ in range(2)], cfg.ppo.max_new_tokens, gen)
         raw = RewardScorer(rm, rm_tok).raw([p for p in tp for _ in range(2)], sft_resps)
     scorer = RewardScorer(rm, rm_tok, raw.mean().item(), raw.std().item())
     hub.save_json({"mean": scorer.mean, "std": scorer.std}, out / "rm" / "reward_normalization.json")
     log("rm", f"reward normalization on SFT samples: mean {scorer.mean:.3f}, std {scorer.std:.3f}")
 
     # held-out evaluation of the SFT policy (the baseline)
-    before = evaluate(sft_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.max_new_tokens)
+    before = evaluate(sft_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.ppo.max_new_tokens)
     log("eval", f"SFT policy: proxy {before['proxy']['mean']:+.3f}  true {before['true']['mean']:.3f}  "
                 f"distinct-2 {before['distinct2']:.3f}")
 
     # (c) PPO
     policy = PolicyWithValueHead(policy_lm)
-    pcfg = PPOConfig(lr=cfg.ppo_lr, batch_size=cfg.ppo_batch, mini_batch_size=cfg.ppo_mini_batch,
-                     ppo_epochs=cfg.ppo_epochs, init_kl_coef=cfg.kl_coef, adaptive_kl=cfg.adaptive_kl and cfg.kl_coef > 0,
-                     target_kl=cfg.target_kl, horizon=cfg.horizon, kl_estimator=cfg.kl_estimator,
-                     max_new_tokens=cfg.max_new_tokens)
+    pcfg = replace(cfg.ppo, adaptive_kl=cfg.ppo.adaptive_kl and cfg.ppo.init_kl_coef > 0)
     trainer = PPOTrainer(policy, tok, scorer, pcfg, ref_model=sft_lm, generator=gen)
     prng = random.Random(cfg.seed + 4)
     for step in range(cfg.ppo_steps):
-        batch = [tp[prng.randrange(len(tp))] for _ in range(cfg.ppo_batch)]
+        batch = [tp[prng.randrange(len(tp))] for _ in range(cfg.ppo.batch_size)]
         enc = tok(batch, padding_side="left")
         st = trainer.step(enc["input_ids"], enc["attention_mask"])
         log("ppo", f"step {step + 1}/{cfg.ppo_steps}  score {st['score']:+.3f}  kl {st['kl']:.3f}  "
@@ -348,7 +345,7 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     policy_lm.eval()
     policy_lm.save_pretrained(str(out / "policy"))
     tok.save_pretrained(out / "policy")
-    after = evaluate(policy_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.max_new_tokens)
+    after = evaluate(policy_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.ppo.max_new_tokens)
     log("eval", f"PPO policy: proxy {after['proxy']['mean']:+.3f}  true {after['true']['mean']:.3f}  "
                 f"KL {after['kl']['mean']:.3f}  distinct-2 {after['distinct2']:.3f}")
 
@@ -357,7 +354,7 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
                                   "gpt2": "GPT-2 (SFT body, last token) + scalar head"}[cfg.rm_backbone],
         "sft": {k: v for k, v in before.items() if not k.startswith("_")},
         "ppo": {k: v for k, v in after.items() if not k.startswith("_")},
-        "kl_target": cfg.target_kl, "final_kl_coef": trainer.kl_ctl.value,
+        "kl_target": cfg.ppo.target_kl, "final_kl_coef": trainer.kl_ctl.value,
         "wins_proxy": sum(a > b for a, b in zip(after["_proxy_pp"], before["_proxy_pp"])),
         "wins_true": sum(a > b for a, b in zip(after["_true_pp"], before["_true_pp"])),
         "elapsed_s": round(time.time() - t_start, 1),
@@ -379,11 +376,11 @@ def checks(s: dict, cfg: DemoConfig) -> dict:
          "proxy_up": s["ppo"]["proxy"]["mean"] > s["sft"]["proxy"]["mean"],
          "n_heldout>=64": s["ppo"]["n_prompts"] >= 64}
     true_up = s["ppo"]["true"]["mean"] > s["sft"]["true"]["mean"]
-    if cfg.kl_coef > 0:
+    if cfg.ppo.init_kl_coef > 0:
         c["true_up"] = true_up
-    if cfg.kl_coef > 0 and cfg.adaptive_kl:
-        c["kl<=2*target"] = s["ppo"]["kl"]["mean"] <= 2 * cfg.target_kl
-    if cfg.kl_coef == 0:  # no penalty: the point is reward hacking, proxy up while the truth or diversity falls
+    if cfg.ppo.init_kl_coef > 0 and cfg.ppo.adaptive_kl:
+        c["kl<=2*target"] = s["ppo"]["kl"]["mean"] <= 2 * cfg.ppo.target_kl
+    if cfg.ppo.init_kl_coef == 0:  # no penalty: the point is reward hacking, proxy up while the truth or diversity falls
         c["reward_hacking_shown"] = c["proxy_up"] and (not true_up or
                                                        s["ppo"]["distinct2"] < s["sft"]["distinct2"])
     return c

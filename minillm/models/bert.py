@@ -73,15 +73,7 @@ class BertConfig:
         return len(self.id2label) if self.id2label else 2
 
     def to_hub_dict(self, architecture: str = "BertModel") -> dict:
-        d = hub.as_config_dict(self)
-        d.pop("use_sdpa")
-        for k in ("id2label", "problem_type", "classifier_dropout"):
-            if d[k] is None:
-                d.pop(k)
-        if self.id2label:
-            d["label2id"] = {v: int(k) for k, v in self.id2label.items()}
-        d["architectures"] = [architecture]
-        return d
+        return hub.hub_config(self, architecture)
 
 
 class BertEmbeddings(nn.Module):
@@ -230,9 +222,8 @@ class BertModel(nn.Module):
 
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub's BertModel layout (no prefix)."""
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("BertModel"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("BertModel"),
+                                       source=getattr(self, "source_dir", None))
 
 
 @torch.no_grad()
@@ -274,11 +265,7 @@ class BertForSequenceClassification(nn.Module):
         """Load a BERT checkpoint; a base checkpoint gets a new, randomly initialized classifier with
         `num_labels` outputs (the checkpoint's own labels otherwise)."""
         d, raw = hub.read_config_of(name_or_path, "bert", cls.__name__)
-        raw = {**raw, **overrides}
-        if num_labels is not None and (not raw.get("id2label") or len(raw["id2label"]) != num_labels):
-            raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        if problem_type is not None:
-            raw["problem_type"] = problem_type
+        raw = hub.classifier_config({**raw, **overrides}, num_labels, problem_type)
         cfg = hub.config_from_dict(BertConfig, raw, str(d / "config.json"))
         model = cls(cfg)
         state = hub.load_safetensors(d)
@@ -292,7 +279,6 @@ class BertForSequenceClassification(nn.Module):
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str) -> Path:
-        d = hub.save_checkpoint_dir(directory, self.state_dict(),
-                                    self.config.to_hub_dict("BertForSequenceClassification"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(),
+                                    self.config.to_hub_dict("BertForSequenceClassification"),
+                                       source=getattr(self, "source_dir", None))

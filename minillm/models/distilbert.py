@@ -67,15 +67,7 @@ class DistilBertConfig:
         return len(self.id2label) if self.id2label else 2
 
     def to_hub_dict(self, architecture: str = "DistilBertModel") -> dict:
-        d = hub.as_config_dict(self)
-        d.pop("use_sdpa")
-        for k in ("id2label", "problem_type"):
-            if d[k] is None:
-                d.pop(k)
-        if self.id2label:
-            d["label2id"] = {v: int(k) for k, v in self.id2label.items()}
-        d["architectures"] = [architecture]
-        return d
+        return hub.hub_config(self, architecture)
 
 
 def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
@@ -187,9 +179,8 @@ class DistilBertModel(nn.Module):
         return hub.load_base_model(cls, DistilBertConfig, name_or_path, "distilbert", "distilbert.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("DistilBertModel"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("DistilBertModel"),
+                                       source=getattr(self, "source_dir", None))
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -217,11 +208,7 @@ class DistilBertForSequenceClassification(nn.Module):
                         dtype: Optional[torch.dtype] = None, device=None,
                         **overrides) -> "DistilBertForSequenceClassification":
         d, raw = hub.read_config_of(name_or_path, "distilbert", cls.__name__)
-        raw = {**raw, **overrides}
-        if num_labels is not None and (not raw.get("id2label") or len(raw["id2label"]) != num_labels):
-            raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        if problem_type is not None:
-            raw["problem_type"] = problem_type
+        raw = hub.classifier_config({**raw, **overrides}, num_labels, problem_type)
         cfg = hub.config_from_dict(DistilBertConfig, raw, str(d / "config.json"))
         model = cls(cfg)
         state = hub.load_safetensors(d)
@@ -234,7 +221,6 @@ class DistilBertForSequenceClassification(nn.Module):
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str) -> Path:
-        d = hub.save_checkpoint_dir(directory, self.state_dict(),
-                                    self.config.to_hub_dict("DistilBertForSequenceClassification"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(),
+                                    self.config.to_hub_dict("DistilBertForSequenceClassification"),
+                                       source=getattr(self, "source_dir", None))

@@ -317,7 +317,6 @@ class GPT2LMHeadModel(nn.Module):
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub layout (Conv1D weights transposed back)."""
         skip = [r"^lm_head\.weight$"] if self.config.tie_word_embeddings else []
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(),
-                                    transpose=TRANSPOSED, skip=skip)
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(),
+                                    transpose=TRANSPOSED, skip=skip,
+                                       source=getattr(self, "source_dir", None))

@@ -454,7 +454,6 @@ class LlamaForCausalLM(nn.Module):
     def save_pretrained(self, directory: str, max_shard_size: Optional[int] = None) -> Path:
         """config.json + model.safetensors (or shards of at most max_shard_size bytes and their index)."""
         skip = [r"^lm_head\.weight$"] if self.config.tie_word_embeddings else []
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(), skip=skip,
-                                    max_shard_size=max_shard_size)
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(), skip=skip,
+                                    max_shard_size=max_shard_size,
+                                       source=getattr(self, "source_dir", None))

@@ -144,9 +144,8 @@ class RobertaModel(nn.Module):
 
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub's RobertaModel layout (no prefix)."""
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("RobertaModel"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("RobertaModel"),
+                                       source=getattr(self, "source_dir", None))
 
 
 class RobertaClassificationHead(nn.Module):
@@ -216,7 +215,6 @@ class RobertaForSequenceClassification(nn.Module):
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, directory: str) -> Path:
-        d = hub.save_checkpoint_dir(directory, self.state_dict(),
-                                    self.config.to_hub_dict("RobertaForSequenceClassification"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(),
+                                    self.config.to_hub_dict("RobertaForSequenceClassification"),
+                                       source=getattr(self, "source_dir", None))

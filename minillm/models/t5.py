@@ -171,6 +171,5 @@ class T5ForConditionalGeneration(nn.Module):
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub layout (a tied head is not written, as transformers does)."""
         skip = [r"^lm_head\.weight$"] if self.config.tie_word_embeddings else []
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(), skip=skip)
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(), skip=skip,
+                                       source=getattr(self, "source_dir", None))

@@ -262,6 +262,5 @@ class ViTModel(nn.Module):
         return hub.load_base_model(cls, ViTConfig, name_or_path, "vit", "vit.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
-        d = hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("ViTModel"))
-        hub.copy_tokenizer_files(getattr(self, "source_dir", None), d)  # copies preprocessor_config.json
-        return d
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("ViTModel"),
+                                       source=getattr(self, "source_dir", None))
