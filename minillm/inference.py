@@ -1,8 +1,10 @@
-"""Text in, text out: load a causal LM checkpoint and its tokenizer, continue a prompt, decode.
+"""Text in, text out: load a causal LM (or encoder-decoder) checkpoint and its tokenizer, generate, decode.
 
 The whole path a practitioner runs to try a model: resolve the checkpoint (models/auto.py reads its
 model_type), tokenize the prompt (left padding, so the last real token sits in the last column),
-generate (generation.py: greedy or sampled, KV cache), decode without special tokens.
+generate (generation.py: greedy or sampled, KV cache), decode without special tokens. A causal LM
+continues the prompt (the prompt is part of the output); an encoder-decoder (T5) reads the prompt
+with its encoder and writes a new text ("summarize: ..." → the summary).
 
 Source: transformers' `pipeline("text-generation")`, reduced to its steps.
 """
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 
 from minillm.generation import generate
-from minillm.models.auto import load_model
+from minillm.models.auto import KINDS, load_model, model_type
 from minillm.tokenizer import Tokenizer
 from minillm.train.device import pick_device
 
@@ -22,10 +24,11 @@ from minillm.train.device import pick_device
 def generate_text(model: str, prompt: str, max_new_tokens: int = 20, do_sample: bool = False,
                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   seed: int = 0, device: Optional[str] = None) -> str:
-    """The prompt's continuation (prompt included), as text."""
+    """A causal LM: the prompt's continuation (prompt included); an encoder-decoder: its output text."""
     torch.manual_seed(seed)
     dev = pick_device(device)
-    lm = load_model(model, "causal-lm", device=dev).eval()
+    _, mt = model_type(model)
+    lm = load_model(model, "seq2seq" if mt in KINDS["seq2seq"] else "causal-lm", device=dev).eval()
     tok = Tokenizer.from_pretrained(model)
     enc = tok([prompt], padding_side="left")
     out = generate(lm, enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),

@@ -325,7 +325,8 @@ def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     src = getattr(model, "source_dir", None)
     cfg.update({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if hasattr(model, "lm_head") else None,
+        "task_type": ("SEQ_2_SEQ_LM" if getattr(model, "is_encoder_decoder", False)
+                      else "CAUSAL_LM" if hasattr(model, "lm_head") else None),
         "base_model_name_or_path": str(src) if src is not None else None,
         "fan_in_fan_out": _fan_in_fan_out(model, [n for n, _ in mods]),
         "bias": "none", "lora_bias": False, "use_dora": False, "modules_to_save": None,
