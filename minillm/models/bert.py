@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from minillm import hub
 from minillm.losses import mean_pool
-from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.layers import ACTIVATIONS, EncoderOutput, check_input_ids, init_weights, key_mask, run_layers
+from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention,
+                                   check_input_ids, init_weights, key_mask)
 
 IGNORED = [r"^embeddings\.position_ids$"]  # an old buffer (0..511) some checkpoints carry; we build positions
 
@@ -91,23 +91,6 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class BertSelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        H = cfg.hidden_size
-        self.cfg = cfg
-        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
-
-    def forward(self, x, mask=None, return_weights: bool = False):
-        nh = self.cfg.num_attention_heads
-        q, k, v = (split_heads(f(x), nh) for f in (self.query, self.key, self.value))  # (B, nh, T, hs)
-        res = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, return_weights=return_weights, use_sdpa=self.cfg.use_sdpa,
-            dropout_p=self.cfg.attention_probs_dropout_prob if self.training else 0.0)
-        y, w = res if return_weights else (res, None)
-        return merge_heads(y), w  # (B, T, H)
-
-
 class BertAddNorm(nn.Module):
     """LN(x + dropout(W y)): the post-LN residual step (hub names: `attention.output`, `output`)."""
 
@@ -124,7 +107,8 @@ class BertAddNorm(nn.Module):
 class BertAttention(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.self = BertSelfAttention(cfg)  # hub name: attention.self.{query,key,value}
+        self.self = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_probs_dropout_prob,
+                                  cfg.use_sdpa)  # hub name: attention.self.{query,key,value}
         self.output = BertAddNorm(cfg.hidden_size, cfg)
 
     def forward(self, x, mask=None, return_weights: bool = False):
@@ -132,41 +116,16 @@ class BertAttention(nn.Module):
         return self.output(y, x), w
 
 
-class BertIntermediate(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x):
-        return self.act(self.dense(x))
-
-
 class BertLayer(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.attention = BertAttention(cfg)
-        self.intermediate = BertIntermediate(cfg)
+        self.intermediate = Intermediate(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.output = BertAddNorm(cfg.intermediate_size, cfg)
 
     def forward(self, x, mask=None, return_weights: bool = False):
         a, w = self.attention(x, mask, return_weights)
         return self.output(self.intermediate(a), a), w
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
-
-
-class BertPooler(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, h):
-        return torch.tanh(self.dense(h[:, 0]))  # the [CLS] token, (B, H)
 
 
 class BertModel(nn.Module):
@@ -181,8 +140,8 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg)
-        self.encoder = BertEncoder(cfg)
-        self.pooler = BertPooler(cfg) if add_pooling_layer else None
+        self.encoder = Encoder(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.pooler = Pooler(cfg.hidden_size, cfg.hidden_size) if add_pooling_layer else None
         init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -204,7 +163,7 @@ class BertModel(nn.Module):
             position_ids = torch.arange(T, device=dev)[None]  # (1, T): BERT counts positions from 0, pads included
         mask = key_mask(attention_mask, B, T, dev)  # bool (B, 1, 1, T) or None
         x = self.embeddings(input_ids, token_type_ids, position_ids)
-        x, attentions = run_layers(self.encoder.layer, x, mask, output_attentions)
+        x, attentions = self.encoder(x, mask, output_attentions)
         if not (return_pooled or output_attentions):
             return x
         pooled = self.pooler(x) if (return_pooled and self.pooler is not None) else None

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from minillm import hub
 from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.layers import ACTIVATIONS, EncoderOutput, check_input_ids, init_weights, key_mask, run_layers
+from minillm.models.layers import ACTIVATIONS, Encoder, EncoderOutput, check_input_ids, init_weights, key_mask
 
 IGNORED = [r"^embeddings\.position_ids$"]
 
@@ -137,12 +137,6 @@ class TransformerBlock(nn.Module):
         return self.output_layer_norm(self.ffn(a) + a), w
 
 
-class Transformer(nn.Module):
-    def __init__(self, cfg: DistilBertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-
-
 class DistilBertModel(nn.Module):
     """DistilBERT encoder. forward(input_ids, attention_mask) -> last hidden state (B, T, dim); with
     output_attentions=True an EncoderOutput (pooler_output is None: DistilBERT has no pooler)."""
@@ -153,7 +147,7 @@ class DistilBertModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = DistilBertEmbeddings(cfg)
-        self.transformer = Transformer(cfg)
+        self.transformer = Encoder(TransformerBlock(cfg) for _ in range(cfg.n_layers))  # hub name: transformer.layer
         init_weights(self, cfg.initializer_range)
         if cfg.sinusoidal_pos_embds:  # fixed, not learned
             with torch.no_grad():
@@ -169,7 +163,7 @@ class DistilBertModel(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
         mask = key_mask(attention_mask, B, T, input_ids.device)
         x = self.embeddings(input_ids, position_ids)
-        x, attentions = run_layers(self.transformer.layer, x, mask, output_attentions)
+        x, attentions = self.transformer(x, mask, output_attentions)
         return EncoderOutput(x, None, attentions) if output_attentions else x
 
     @classmethod

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.attention import padding_mask
+from minillm.attention import merge_heads, padding_mask, scaled_dot_product_attention, split_heads
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -100,16 +100,34 @@ def key_mask(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> 
     return padding_mask(attention_mask.to(device))
 
 
-def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, mask: Optional[torch.Tensor],
-               output_attentions: bool = False) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
-    """The encoder loop: each layer(x, mask, return_weights) -> (x, weights). Returns the last hidden state
-    and, when asked, the list of per-layer attention weights (B, nh, T, T)."""
-    attentions = [] if output_attentions else None
-    for layer in layers:
-        x, w = layer(x, mask, output_attentions)
-        if output_attentions:
-            attentions.append(w)
-    return x, attentions
+class Encoder(nn.Module):
+    """The encoder layer loop under the hub's name `layer`: each layer(x, mask, return_weights) -> (x, weights).
+    forward -> the last hidden state and, when asked, the per-layer attention weights (B, nh, T, T)."""
+
+    def __init__(self, layers: Iterable[nn.Module]):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                output_attentions: bool = False) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        attentions = [] if output_attentions else None
+        for layer in self.layer:
+            x, w = layer(x, mask, output_attentions)
+            if output_attentions:
+                attentions.append(w)
+        return x, attentions
+
+
+class Pooler(nn.Module):
+    """act(W h_0 + b): the first token's ([CLS]) vector through a dense layer (hub name `pooler.dense`)."""
+
+    def __init__(self, hidden: int, out: int, act: str = "tanh"):
+        super().__init__()
+        self.dense = nn.Linear(hidden, out)
+        self.act = torch.tanh if act == "tanh" else activation(act)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(h[:, 0]))  # (B, out)
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -119,3 +137,32 @@ def hidden_size(model: nn.Module) -> int:
         if cfg is not None and isinstance(getattr(cfg, key, None), int):
             return int(getattr(cfg, key))
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__}; pass hidden_size")
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with the hub's `query` / `key` / `value` names (BERT, RoBERTa,
+    ViT): softmax(Q Kᵀ/√d + mask) V per head. forward(x, mask, return_weights) -> (B, T, H), weights or None."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float, use_sdpa: bool = True, bias: bool = True):
+        super().__init__()
+        self.heads, self.dropout_p, self.use_sdpa = heads, dropout, use_sdpa
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden, bias=bias) for _ in range(3))
+
+    def forward(self, x, mask=None, return_weights: bool = False):
+        q, k, v = (split_heads(f(x), self.heads) for f in (self.query, self.key, self.value))  # (B, nh, T, hs)
+        res = scaled_dot_product_attention(q, k, v, attn_mask=mask, return_weights=return_weights,
+                                           use_sdpa=self.use_sdpa, dropout_p=self.dropout_p if self.training else 0.0)
+        y, w = res if return_weights else (res, None)
+        return merge_heads(y), w  # (B, T, H)
+
+
+class Intermediate(nn.Module):
+    """The first half of the MLP under the hub's name `intermediate.dense`: act(W x + b), hidden -> intermediate."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.dense = nn.Linear(hidden, intermediate)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.act(self.dense(x))

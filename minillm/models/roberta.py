@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
-from minillm.models.bert import BertConfig, BertEmbeddings, BertEncoder, BertPooler
-from minillm.models.layers import EncoderOutput, check_input_ids, init_weights, key_mask, run_layers
+from minillm.models.bert import BertConfig, BertEmbeddings, BertLayer
+from minillm.models.layers import Encoder, EncoderOutput, Pooler, check_input_ids, init_weights, key_mask
 
 IGNORED = [r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$"]  # old buffers some files carry
 
@@ -98,8 +98,8 @@ class RobertaModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = RobertaEmbeddings(cfg)
-        self.encoder = BertEncoder(cfg)  # RoBERTa's encoder is BERT's, layer for layer
-        self.pooler = BertPooler(cfg) if add_pooling_layer else None
+        self.encoder = Encoder(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))  # BERT's, layer for layer
+        self.pooler = Pooler(cfg.hidden_size, cfg.hidden_size) if add_pooling_layer else None
         init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -120,7 +120,7 @@ class RobertaModel(nn.Module):
             position_ids = position_ids_from_input_ids(input_ids, cfg.pad_token_id)  # (B, T), from pad+1
         mask = key_mask(attention_mask, B, T, input_ids.device)  # bool (B, 1, 1, T) or None
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        x, attentions = run_layers(self.encoder.layer, x, mask, output_attentions)
+        x, attentions = self.encoder(x, mask, output_attentions)
         if not (return_pooled or output_attentions):
             return x
         if return_pooled and self.pooler is None:

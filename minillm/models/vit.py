@@ -27,8 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import hub
-from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.layers import ACTIVATIONS, EncoderOutput, init_weights, run_layers
+from minillm.models.layers import ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention, init_weights
 
 IGNORED = [r"^embeddings\.mask_token$"]  # masked-image-modeling checkpoints carry it; plain encoding never uses it
 
@@ -123,22 +122,6 @@ class ViTEmbeddings(nn.Module):
         return self.dropout(x + pos)
 
 
-class ViTSelfAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.cfg = cfg
-        H = cfg.hidden_size
-        self.query, self.key, self.value = (nn.Linear(H, H, bias=cfg.qkv_bias) for _ in range(3))
-
-    def forward(self, x, return_weights: bool = False):
-        nh = self.cfg.num_attention_heads
-        q, k, v = (split_heads(f(x), nh) for f in (self.query, self.key, self.value))  # (B, nh, T, hs)
-        res = scaled_dot_product_attention(q, k, v, return_weights=return_weights, use_sdpa=self.cfg.use_sdpa,
-                                           dropout_p=self.cfg.attention_probs_dropout_prob if self.training else 0.0)
-        y, w = res if return_weights else (res, None)
-        return merge_heads(y), w  # (B, T, H)
-
-
 class ViTDense(nn.Module):
     """A linear + dropout under the hub's names `attention.output.dense` / `output.dense`."""
 
@@ -154,22 +137,13 @@ class ViTDense(nn.Module):
 class ViTAttention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.attention = ViTSelfAttention(cfg)
+        self.attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.attention_probs_dropout_prob,
+                                       cfg.use_sdpa, bias=cfg.qkv_bias)
         self.output = ViTDense(cfg.hidden_size, cfg.hidden_size, cfg.hidden_dropout_prob)
 
     def forward(self, x, return_weights: bool = False):
-        y, w = self.attention(x, return_weights)
+        y, w = self.attention(x, None, return_weights)
         return self.output(y), w
-
-
-class ViTIntermediate(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x):
-        return self.act(self.dense(x))
 
 
 class ViTLayer(nn.Module):
@@ -178,29 +152,13 @@ class ViTLayer(nn.Module):
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attention = ViTAttention(cfg)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.intermediate = ViTIntermediate(cfg)
+        self.intermediate = Intermediate(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.output = ViTDense(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_dropout_prob)
 
     def forward(self, x, mask=None, return_weights: bool = False):  # mask: unused (every patch is real)
         a, w = self.attention(self.layernorm_before(x), return_weights)
         x = x + a
         return x + self.output(self.intermediate(self.layernorm_after(x))), w
-
-
-class ViTEncoder(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.layer = nn.ModuleList([ViTLayer(cfg) for _ in range(cfg.num_hidden_layers)])
-
-
-class ViTPooler(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.pooler_output_size or cfg.hidden_size)
-        self.act = torch.tanh if cfg.pooler_act == "tanh" else ACTIVATIONS[cfg.pooler_act]
-
-    def forward(self, h):
-        return self.act(self.dense(h[:, 0]))  # the [CLS] token
 
 
 class ViTModel(nn.Module):
@@ -215,9 +173,10 @@ class ViTModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = ViTEmbeddings(cfg)
-        self.encoder = ViTEncoder(cfg)
+        self.encoder = Encoder(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.pooler = ViTPooler(cfg) if add_pooling_layer else None
+        self.pooler = Pooler(cfg.hidden_size, cfg.pooler_output_size or cfg.hidden_size, cfg.pooler_act) \
+            if add_pooling_layer else None
         init_weights(self, cfg.initializer_range)
         nn.init.trunc_normal_(self.embeddings.position_embeddings, std=cfg.initializer_range)
         nn.init.trunc_normal_(self.embeddings.cls_token, std=cfg.initializer_range)
@@ -246,7 +205,7 @@ class ViTModel(nn.Module):
                 output_attentions: bool = False):
         self.check_pixels(pixel_values, interpolate_pos_encoding)
         x = self.embeddings(pixel_values.to(self.layernorm.weight.dtype), interpolate_pos_encoding)  # (B, 1+N, H)
-        x, attentions = run_layers(self.encoder.layer, x, None, output_attentions)
+        x, attentions = self.encoder(x, None, output_attentions)
         x = self.layernorm(x)
         if not (return_pooled or output_attentions):
             return x
