@@ -135,11 +135,13 @@ class BertModel(nn.Module):
     pooler_output, attentions) instead."""
 
     lora_targets = ("query", "key", "value", "intermediate.dense", "output.dense")  # every linear of the attention and MLP blocks
+    # what a variant with BERT's encoder changes (RobertaModel): its config, checkpoint names and positions
+    config_class, embeddings_class, model_type, prefix, ignored = BertConfig, BertEmbeddings, "bert", "bert.", IGNORED
 
     def __init__(self, cfg: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = cfg
-        self.embeddings = BertEmbeddings(cfg)
+        self.embeddings = self.embeddings_class(cfg)
         self.encoder = Encoder(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.pooler = Pooler(cfg.hidden_size, cfg.hidden_size) if add_pooling_layer else None
         init_weights(self, cfg.initializer_range)
@@ -147,7 +149,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 return_pooled: bool = False, output_attentions: bool = False):
         cfg = self.config
-        check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        check_input_ids(input_ids, cfg.vocab_size, self.max_input_length())
         B, T = input_ids.shape
         dev = input_ids.device
         if token_type_ids is None:
@@ -160,7 +162,7 @@ class BertModel(nn.Module):
                 raise ValueError(f"token_type_ids: value {hi if hi >= cfg.type_vocab_size else lo} outside "
                                  f"[0, {cfg.type_vocab_size}) (type_vocab_size={cfg.type_vocab_size})")
         if position_ids is None:
-            position_ids = torch.arange(T, device=dev)[None]  # (1, T): BERT counts positions from 0, pads included
+            position_ids = self.default_position_ids(input_ids)
         mask = key_mask(attention_mask, B, T, dev)  # bool (B, 1, 1, T) or None
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         x, attentions = self.encoder(x, mask, output_attentions)
@@ -177,12 +179,20 @@ class BertModel(nn.Module):
                         **overrides) -> "BertModel":
         """Load a BERT checkpoint (BertModel layout, or a task layout with the `bert.` prefix; its heads are
         skipped). The pooler is built when the checkpoint has one. `overrides` change config keys (use_sdpa=...)."""
-        return hub.load_base_model(cls, BertConfig, name_or_path, "bert", "bert.", IGNORED, dtype, device, **overrides)
+        return hub.load_base_model(cls, cls.config_class, name_or_path, cls.model_type, cls.prefix, cls.ignored, dtype,
+                                   device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
-        """config.json + model.safetensors in the hub's BertModel layout (no prefix)."""
-        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("BertModel"),
+        """config.json + model.safetensors in the hub's base layout (no prefix)."""
+        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(type(self).__name__),
                                        source=getattr(self, "source_dir", None))
+
+    def max_input_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def default_position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(1, T): BERT counts positions from 0, pads included."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
 
 
 @torch.no_grad()

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
-from minillm.models.bert import BertConfig, BertEmbeddings, BertLayer
-from minillm.models.layers import Encoder, EncoderOutput, Pooler, check_input_ids, init_weights, key_mask
+from minillm.models.bert import BertConfig, BertEmbeddings, BertModel
+from minillm.models.layers import init_weights
 
 IGNORED = [r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$"]  # old buffers some files carry
 
@@ -86,66 +86,20 @@ class RobertaEmbeddings(BertEmbeddings):
                                                 padding_idx=cfg.pad_token_id)
 
 
-class RobertaModel(nn.Module):
-    """RoBERTa encoder. forward(input_ids, attention_mask) -> last hidden state (B, T, H).
+class RobertaModel(BertModel):
+    """RoBERTa encoder: BERT's, layer for layer, with RoBERTa's embeddings and positions. forward(input_ids,
+    attention_mask) -> last hidden state (B, T, H); with return_pooled / output_attentions an EncoderOutput.
+    Positions are computed from input_ids (pads skipped) unless position_ids are given. Loads the base layout (no
+    prefix, maybe a pooler) or a task layout (`roberta.` prefix; its heads `classifier.*` / `lm_head.*` skipped)."""
 
-    With return_pooled / output_attentions it returns an EncoderOutput (last_hidden_state, pooler_output,
-    attentions). Positions are computed from input_ids (pads skipped) unless position_ids are given."""
+    config_class, embeddings_class, model_type, prefix, ignored = (RobertaConfig, RobertaEmbeddings, "roberta",
+                                                                   "roberta.", IGNORED)
 
-    lora_targets = ("query", "key", "value", "intermediate.dense", "output.dense")  # attention + MLP, not the pooler
+    def max_input_length(self) -> int:
+        return self.config.max_input_length
 
-    def __init__(self, cfg: RobertaConfig, add_pooling_layer: bool = True):
-        super().__init__()
-        self.config = cfg
-        self.embeddings = RobertaEmbeddings(cfg)
-        self.encoder = Encoder(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))  # BERT's, layer for layer
-        self.pooler = Pooler(cfg.hidden_size, cfg.hidden_size) if add_pooling_layer else None
-        init_weights(self, cfg.initializer_range)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                return_pooled: bool = False, output_attentions: bool = False):
-        cfg = self.config
-        check_input_ids(input_ids, cfg.vocab_size, cfg.max_input_length)
-        B, T = input_ids.shape
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        elif tuple(token_type_ids.shape) != (B, T):
-            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}, expected {(B, T)}")
-        elif token_type_ids.numel():
-            lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
-            if lo < 0 or hi >= cfg.type_vocab_size:
-                raise ValueError(f"token_type_ids: value {hi if hi >= cfg.type_vocab_size else lo} outside "
-                                 f"[0, {cfg.type_vocab_size}) (type_vocab_size={cfg.type_vocab_size})")
-        if position_ids is None:
-            position_ids = position_ids_from_input_ids(input_ids, cfg.pad_token_id)  # (B, T), from pad+1
-        mask = key_mask(attention_mask, B, T, input_ids.device)  # bool (B, 1, 1, T) or None
-        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        x, attentions = self.encoder(x, mask, output_attentions)
-        if not (return_pooled or output_attentions):
-            return x
-        if return_pooled and self.pooler is None:
-            raise ValueError("return_pooled=True, but this checkpoint has no pooler (pooler.dense.*)")
-        pooled = self.pooler(x) if return_pooled else None
-        return EncoderOutput(x, pooled, attentions)
-
-    # ---- hub I/O ----
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: Optional[torch.dtype] = None, device=None,
-                        **overrides) -> "RobertaModel":
-        """Load a RoBERTa checkpoint: the base layout (no prefix, maybe a pooler) or a task layout (`roberta.`
-        prefix; its heads `classifier.*` / `lm_head.*` are skipped). `overrides` change config keys."""
-        d, raw = hub.read_config_of(name_or_path, "roberta", cls.__name__)
-        cfg = hub.config_from_dict(RobertaConfig, {**raw, **overrides}, str(d / "config.json"))
-        state = hub.base_state(hub.load_safetensors(d), "roberta.")
-        model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
-        hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
-
-    def save_pretrained(self, directory: str) -> Path:
-        """config.json + model.safetensors in the hub's RobertaModel layout (no prefix)."""
-        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("RobertaModel"),
-                                       source=getattr(self, "source_dir", None))
+    def default_position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return position_ids_from_input_ids(input_ids, self.config.pad_token_id)  # (B, T), from pad + 1
 
 
 class RobertaClassificationHead(nn.Module):
