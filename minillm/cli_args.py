@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import typing
 from typing import Any, Optional
 
@@ -50,6 +51,20 @@ def config_from_args(cls, args: argparse.Namespace, **extra):
     return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
+def add_function_args(p: argparse.ArgumentParser, fn, names: list[str], **kw) -> None:
+    """add_config_args for keyword parameters of a library function: type and default from its signature."""
+    hints, params = typing.get_type_hints(fn), inspect.signature(fn).parameters
+    cls = dataclasses.make_dataclass(fn.__name__, [(n, hints[n], dataclasses.field(default=params[n].default))
+                                                   for n in names])
+    add_config_args(p, cls, names, **kw)
+
+
+def function_kwargs(fn, args: argparse.Namespace) -> dict:
+    """The parsed arguments that name keyword parameters (those with defaults) of `fn`."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in vars(args).items() if k in params and params[k].default is not inspect.Parameter.empty}
+
+
 def add_adapter_args(p: argparse.ArgumentParser) -> None:
     from minillm.lora import QUANTIZATIONS, AdapterConfig
     add_config_args(p, AdapterConfig, ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize"],
@@ -73,3 +88,13 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
                     choices={"schedule": SCHEDULES, "precision": list(PRECISIONS)})
     p.add_argument("--eval-data", default=None, help="JSONL/CSV evaluated every --eval-every steps and at the end")
     p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+
+
+def add_prompt_tuning_args(p: argparse.ArgumentParser) -> None:
+    from minillm.prompt_tuning import INITS, PromptTuningConfig
+    add_config_args(p, PromptTuningConfig, ["num_virtual_tokens", "init", "init_text"], choices={"init": list(INITS)},
+                    flags={"num_virtual_tokens": "--prompt-tuning", "init": "--prompt-init",
+                           "init_text": "--prompt-init-text"},
+                    help={"num_virtual_tokens": "N: train N soft-prompt vectors, the base frozen (peft's PROMPT_TUNING "
+                                                "files in --out; wants a high --lr, e.g. 3e-2)",
+                          "init_text": "text whose token embeddings start the prompt (default: the first prompt)"})
