@@ -79,12 +79,14 @@ def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
     from minillm.train.schedule import SCHEDULES
     add_config_args(p, TrainConfig, ["epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay",
                                      "warmup_steps", "schedule", "max_grad_norm", "precision", "group_by_length",
-                                     "eval_every", "log_every", "save_every", "resume", "seed", "device"],
+                                     "eval_every", "log_every", "save_every", "resume", "seed", "device", "fsdp"],
                     defaults=defaults,
                     help={"max_steps": "optimizer steps (overrides --epochs)",
                           "batch_size": "examples per micro-batch (per process)",
                           "grad_accum": "micro-batches per optimizer step", "resume": "continue from <out>/checkpoints",
-                          "save_every": "checkpoint every N steps (and at the end)"},
+                          "save_every": "checkpoint every N steps (and at the end)",
+                          "fsdp": "under torchrun: shard parameters, gradients and AdamW states over the processes "
+                                  "(ZeRO-3, torch FSDP2) instead of DDP"},
                     choices={"schedule": SCHEDULES, "precision": list(PRECISIONS)})
     p.add_argument("--eval-data", default=None, help="JSONL/CSV evaluated every --eval-every steps and at the end")
     p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
