@@ -12,72 +12,10 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
-from typing import Any, Optional
+from typing import Optional
 
-DATA_FORMATS = ("Records: {prompt, completion} | {english, latex} (the book's LaTeX prompt) | {messages: [{role, "
-                "content}, ...]} (roles human/user, bot/assistant; the ###HUMAN###/###BOT###/###STOP### chat format) | "
-                "{text}. A T5 checkpoint takes {input, target} (or {prompt, completion}, {english, latex}). "
-                "Runs under torchrun for DDP.")
-
-
-# ---- options generated from config dataclasses ----
-def _field_type(cls, f: dataclasses.Field) -> Any:
-    hint = typing.get_type_hints(cls)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args and typing.get_origin(hint) is typing.Union else hint
-
-
-def add_config_args(p: argparse.ArgumentParser, cls, names: list[str], defaults: Optional[dict] = None,
-                    help: Optional[dict] = None, choices: Optional[dict] = None, flags: Optional[dict] = None) -> None:
-    """--field-name for each named field of `cls` (or the flag `flags` gives it, so that one concept has one name
-    across commands): type and default from the dataclass (or `defaults`); bools become --flag / --no-flag."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults, help, choices, flags = defaults or {}, help or {}, choices or {}, flags or {}
-    for name in names:
-        f = fields[name]
-        default = defaults.get(name, f.default)
-        flag = flags.get(name, "--" + name.replace("_", "-"))
-        typ = _field_type(cls, f)
-        kw = dict(dest=name, default=default, help=help.get(name))
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(typ) in (list, tuple) or name == "lora_targets":
-            p.add_argument(flag, type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()), **kw,
-                           metavar="NAME,NAME")
-        else:
-            p.add_argument(flag, type=typ if typ in (int, float, str) else str, choices=choices.get(name), **kw)
-
-
-def config_from_args(cls, args: argparse.Namespace, **extra):
-    """Build `cls` from the parsed arguments that name its fields (plus `extra`)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
-
-
-def add_adapter_args(p: argparse.ArgumentParser) -> None:
-    from minillm.lora import QUANTIZATIONS, AdapterConfig
-    add_config_args(p, AdapterConfig, ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize"],
-                    help={"lora_r": "LoRA rank (0: full fine-tuning)",
-                          "lora_targets": "module names to adapt (default: the model's attention and MLP linears)",
-                          "quantize": "nf4: the frozen base in 4 bits (QLoRA; needs --lora-r)"},
-                    choices={"quantize": [q for q in QUANTIZATIONS if q]})
-
-
-def add_train_args(p: argparse.ArgumentParser, **defaults) -> None:
-    from minillm.train.loop import PRECISIONS, TrainConfig
-    from minillm.train.schedule import SCHEDULES
-    add_config_args(p, TrainConfig, ["epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay",
-                                     "warmup_steps", "schedule", "max_grad_norm", "precision", "group_by_length",
-                                     "eval_every", "log_every", "save_every", "resume", "seed", "device"],
-                    defaults=defaults,
-                    help={"max_steps": "optimizer steps (overrides --epochs)",
-                          "batch_size": "examples per micro-batch (per process)",
-                          "grad_accum": "micro-batches per optimizer step", "resume": "continue from <out>/checkpoints",
-                          "save_every": "checkpoint every N steps (and at the end)"},
-                    choices={"schedule": SCHEDULES, "precision": list(PRECISIONS)})
-    p.add_argument("--eval-data", default=None, help="JSONL/CSV evaluated every --eval-every steps and at the end")
-    p.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+from minillm.cli_args import (DATA_FORMATS, add_adapter_args, add_config_args, add_function_args,
+                              add_prompt_tuning_args, add_train_args, config_from_args, function_kwargs)
 
 
 # ---- commands ----
@@ -123,12 +61,14 @@ def add_attention(sub) -> None:
 
 def cmd_sft(args) -> int:
     from minillm.lora import AdapterConfig
+    from minillm.prompt_tuning import PromptTuningConfig
     from minillm.train.jobs import sft_job
     from minillm.train.loop import TrainConfig
     s = sft_job(args.model, args.data, args.out, config_from_args(TrainConfig, args, out_dir=args.out),
                 config_from_args(AdapterConfig, args), eval_data=args.eval_data,
                 completion_only=args.completion_only, max_length=args.max_length,
-                gradient_checkpointing=args.gradient_checkpointing)
+                gradient_checkpointing=args.gradient_checkpointing,
+                prompt_tuning=config_from_args(PromptTuningConfig, args))
     print(f"saved {args.out} (final loss {s['final_loss']:.4f})" if s["final_loss"] is not None else f"saved {args.out}")
     return 0
 
@@ -143,6 +83,7 @@ def add_sft(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block's activations in backward (less memory, ~1 more forward)")
     add_adapter_args(p)
+    add_prompt_tuning_args(p)
     add_train_args(p, epochs=1, batch_size=1, lr=5e-5)
     p.set_defaults(func=cmd_sft)
 
@@ -304,12 +245,82 @@ def add_vqa_demo(sub) -> None:
     p.set_defaults(func=cmd_vqa_demo)
 
 
+def cmd_distill(args) -> int:
+    from minillm.distill import distill
+    s = distill(args.teacher, args.student, args.data, args.out, **function_kwargs(distill, args))
+    print(f"student saved to {args.out} (loss {s['first_loss']:.4f} -> {s['final_loss']:.4f})")
+    return 0
+
+
+def add_distill(sub) -> None:
+    from minillm.distill import distill
+    p = sub.add_parser("distill", help="distil a causal LM teacher into a student (soft targets at temperature T)",
+                       description="loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE. " + DATA_FORMATS)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (GPT-2)")
+    p.add_argument("--student", required=True, help="student checkpoint (GPT-2, the teacher's tokenizer)")
+    p.add_argument("--data", required=True, help="training JSONL or CSV")
+    p.add_argument("--out", default="runs/distill", help="where the trained student goes")
+    add_function_args(p, distill, ["temperature", "alpha", "completion_only", "max_length", "epochs", "lr",
+                                   "batch_size", "seed", "device"], help={"alpha": "weight of the soft term"})
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_memory(args) -> int:
+    from minillm.memory import estimate_memory, memory_report
+    print(memory_report(args.model, **function_kwargs(estimate_memory, args)))
+    return 0
+
+
+def add_memory(sub) -> None:
+    from minillm.memory import DTYPE_BYTES, OPTIMIZER_BYTES, QUANT_BYTES, estimate_memory
+    p = sub.add_parser("memory", help="training memory (weights, gradients, optimizer, activations) and compute")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="checkpoint (its config.json: layer shapes, activations modelled)")
+    g.add_argument("--params", type=float, help="a parameter count, e.g. 1e9 (the course's per-parameter rule)")
+    add_function_args(p, estimate_memory, ["dtype", "optimizer", "lora_r", "quantize", "gradient_checkpointing",
+                                           "batch", "seq"],
+                      choices={"dtype": list(DTYPE_BYTES), "optimizer": list(OPTIMIZER_BYTES), "quantize": list(QUANT_BYTES)})
+    p.set_defaults(func=cmd_memory)
+
+
+def cmd_dedup(args) -> int:
+    from minillm.dedup import dedup_jsonl
+    s = dedup_jsonl(args.data, args.field, args.threshold, args.out, model_name=args.model)
+    print(f"kept {s['kept']} of {s['records']} records ({s['dropped']} near-duplicates dropped) -> {args.out}")
+    return 0
+
+
+def add_dedup(sub) -> None:
+    p = sub.add_parser("dedup", help="drop near-duplicate records (sentence-embedding cosine >= threshold)")
+    p.add_argument("--data", required=True, help="input JSONL")
+    p.add_argument("--field", default="text", help="the string field compared")
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--out", required=True, help="output JSONL (the kept records, in order)")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="sentence encoder (BERT) checkpoint")
+    p.set_defaults(func=cmd_dedup)
+
+
+def cmd_peft_compare(args) -> int:
+    from minillm.demos.peft_comparison import compare_peft_methods, format_rows
+    print(format_rows(compare_peft_methods(args.model, **function_kwargs(compare_peft_methods, args))))
+    return 0
+
+
+def add_peft_compare(sub) -> None:
+    from minillm.demos.peft_comparison import compare_peft_methods
+    p = sub.add_parser("peft-compare", help="full fine-tuning vs LoRA vs prompt tuning on synthetic reviews (CPU)")
+    p.add_argument("--model", default="tiny-gpt2", help="GPT-2 base checkpoint")
+    add_function_args(p, compare_peft_methods, ["steps", "batch_size", "lora_r", "num_virtual_tokens", "seed"],
+                      flags={"num_virtual_tokens": "--prompt-tuning"})
+    p.set_defaults(func=cmd_peft_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (add_generate, add_rlhf_demo, add_train_reward, add_ppo, add_attention, add_sft, add_classify,
-                add_evaluate, add_vqa_demo):
+                add_evaluate, add_vqa_demo, add_distill, add_memory, add_dedup, add_peft_compare):
         add(sub)
     return ap
 

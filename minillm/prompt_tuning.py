@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -53,6 +54,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_KEY = "prompt_embeddings"
 INITS = {"random": "RANDOM", "text": "TEXT", "sample_vocab": "SAMPLE_VOCAB"}
+
+
+@dataclass
+class PromptTuningConfig:
+    """What sft_job's prompt tuning trains: num_virtual_tokens soft-prompt vectors (0: off), initialised by
+    `init` (random | text | sample_vocab); init='text' without init_text uses the first record's prompt."""
+    num_virtual_tokens: int = 0
+    init: str = "text"
+    init_text: Optional[str] = None
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 0:
+            raise ValueError(f"num_virtual_tokens must be >= 0 (0: off), got {self.num_virtual_tokens}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {sorted(INITS)}, got {self.init!r}")
 
 
 # ---- the two adapter functions: what a base model must offer ----
@@ -257,37 +273,19 @@ def load_prompt_tuning(model: nn.Module, directory: Union[str, os.PathLike], emb
     return PromptTuningModel(model, n, p.to(embed.weight.device), embed, forward_embeds, keep)
 
 
-# ---- the entry point a CLI line calls ----
+# ---- the entry point (the one SFT recipe, train/jobs.sft_job, with the base frozen) ----
 def prompt_tune(model_dir: str, data_path: str, out_dir: str, num_virtual_tokens: int = 20, init: str = "text",
                 init_text: Optional[str] = None, epochs: int = 3, lr: float = 3e-2, batch_size: int = 8,
                 max_length: Optional[int] = 256, completion_only: bool = True, seed: int = 0,
                 device: Optional[str] = None, quiet: bool = False) -> dict:
-    """Prompt-tune a causal LM (a GPT-2 checkpoint dir) on a JSONL/CSV SFT file; save the adapter to out_dir.
+    """Prompt-tune a causal LM checkpoint on a JSONL/CSV SFT file; the adapter (peft's PROMPT_TUNING files) and
+    the tokenizer go to out_dir. `minillm sft --prompt-tuning N` runs the same recipe (sft_job).
 
-    init='text' without init_text uses the first record's prompt. Returns a summary dict. The learning rate
-    default is high, as prompt tuning needs (Lester et al. use 0.3 with Adafactor)."""
-    from minillm.models.gpt2 import GPT2LMHeadModel
-    from minillm.tokenizer import Tokenizer
-    from minillm.data.readers import read_records
-    from minillm.data.sft import CausalLMCollator, encode_sft, prompt_and_completion
-    from minillm.train.loop import TrainConfig, train
-
-    tok = Tokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    records = read_records(data_path)
-    rows = encode_sft(records, tok, max_length=max_length, completion_only=completion_only)
-    base = GPT2LMHeadModel.from_pretrained(model_dir)
-    if init == "text" and not init_text:
-        init_text = prompt_and_completion(records[0], tok.eos_token)[0] or "Answer the following."
-    g = torch.Generator().manual_seed(seed)
-    model = apply_prompt_tuning(base, num_virtual_tokens, init, init_text, tok, generator=g,
-                                tokenizer_name_or_path=str(model_dir))
+    init='text' without init_text uses the first record's prompt. Returns sft_job's summary dict. The learning
+    rate default is high, as prompt tuning needs (Lester et al. use 0.3 with Adafactor)."""
+    from minillm.train.jobs import sft_job
+    from minillm.train.loop import TrainConfig
     cfg = TrainConfig(lr=lr, weight_decay=0.0, epochs=epochs, batch_size=batch_size, seed=seed, device=device,
                       quiet=quiet, out_dir=None)
-    res = train(model, rows, CausalLMCollator(tok.pad_token_id if tok.pad_token_id is not None else 0),
-                prompt_tuning_loss, cfg)
-    save_prompt_tuning(model, out_dir)
-    return {"out_dir": str(out_dir), "num_virtual_tokens": num_virtual_tokens,
-            "trainable": model.prompt_embeddings.numel(), "steps": res.step,
-            "first_loss": res.losses[0], "final_loss": res.losses[-1], "seconds": res.seconds}
+    return sft_job(model_dir, data_path, out_dir, cfg, completion_only=completion_only, max_length=max_length,
+                   prompt_tuning=PromptTuningConfig(num_virtual_tokens, init, init_text))

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-AREAS = ["gpt2", "encoders", "quant", "train", "text_metrics", "t5", "llama"]
+AREAS = ["gpt2", "encoders", "quant", "train", "text_metrics", "t5", "llama", "memory"]
 
 
 def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None) -> tuple[float, float]:

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from minillm.data.classification import ClassificationCollator, encode_classification, label_set
 from minillm.data.readers import read_records
 from minillm.data.seq2seq import Seq2SeqCollator, encode_seq2seq
-from minillm.data.sft import CausalLMCollator, add_chat_tokens, encode_sft
+from minillm.data.sft import CausalLMCollator, add_chat_tokens, encode_sft, prompt_and_completion
 from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter
 from minillm.models.auto import KINDS, load_model, model_class, model_type
+from minillm.prompt_tuning import PromptTuningConfig, apply_prompt_tuning, prompt_tuning_loss, save_prompt_tuning
 from minillm.tokenizer import Tokenizer
 from minillm.train.freezing import freeze_below_layer
 from minillm.train.loop import (PRECISIONS, TrainConfig, causal_lm_loss, evaluate, setup_distributed,
@@ -58,9 +59,14 @@ def _write_summary(out: Path, summary: dict) -> None:
 
 def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters: AdapterConfig = AdapterConfig(),
             eval_data: Optional[str] = None, completion_only: bool = False, max_length: Optional[int] = None,
-            gradient_checkpointing: bool = False) -> dict:
+            gradient_checkpointing: bool = False, prompt_tuning: PromptTuningConfig = PromptTuningConfig()) -> dict:
     """Supervised fine-tuning of a causal LM or (T5) an encoder-decoder; returns the summary written to
-    <out>/train_summary.json."""
+    <out>/train_summary.json. With prompt_tuning.num_virtual_tokens > 0 the base stays frozen and only the soft
+    prompt trains (prompt_tuning.py); <out> then holds peft's PROMPT_TUNING files, not a model."""
+    n_virtual = prompt_tuning.num_virtual_tokens
+    if n_virtual and (adapters.lora_r or adapters.quantize or gradient_checkpointing):
+        raise ValueError("prompt tuning trains the soft prompt alone: drop --lora-r / --quantize / "
+                         "--gradient-checkpointing")
     rank, _ = setup_distributed()
     # Everything that can fail on bad data happens here, before any training.
     records = read_records(data)
@@ -73,16 +79,21 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
         train_set = encode_seq2seq(records, tok, max_length, max_length)
         eval_set = encode_seq2seq(eval_records, tok, max_length, max_length) if eval_records else None
         collate, loss_fn, new_rows = Seq2SeqCollator(tok.pad_token_id, lm.config.start_token_id), seq2seq_loss, []
-        if gradient_checkpointing:
-            raise ValueError("gradient checkpointing is not implemented for encoder-decoder models")
+        if gradient_checkpointing or n_virtual:
+            raise ValueError("gradient checkpointing and prompt tuning are not implemented for encoder-decoders")
     else:
         lm = load_model(model, "causal-lm")
         tok = load_tokenizer(model)
         chat = any("messages" in r for r in records + eval_records)
+        if chat and n_virtual:
+            raise ValueError("chat records add tokens whose embeddings must train; prompt tuning freezes them "
+                             "(use LoRA or full fine-tuning)")
         if chat:
             add_chat_tokens(tok, lm)
-        max_length = (max_length or getattr(lm.config, "n_positions", None)
-                      or getattr(lm.config, "max_position_embeddings", None) or tok.model_max_length)
+        n_pos = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+        max_length = max_length or n_pos or tok.model_max_length
+        if n_virtual and n_pos:
+            max_length = min(max_length, n_pos - n_virtual)  # the virtual tokens take positions too
         train_set = encode_sft(records, tok, max_length, completion_only)
         eval_set = encode_sft(eval_records, tok, max_length, completion_only) if eval_records else None
         new_rows = []  # with chat tokens, the embedding (and an untied head) must learn their rows: modules_to_save
@@ -91,6 +102,12 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
             if lm.lm_head.weight is not new_rows[0]:
                 new_rows.append(lm.lm_head.weight)
         collate, loss_fn = CausalLMCollator(tok.pad_token_id), causal_lm_loss
+    if n_virtual:  # the frozen base wrapped; only the (n, d) prompt is a parameter that trains
+        init_text = prompt_tuning.init_text or prompt_and_completion(records[0])[0] or "Answer the following."
+        lm = apply_prompt_tuning(lm, n_virtual, prompt_tuning.init, init_text, tok, tokenizer_name_or_path=model,
+                                 generator=torch.Generator().manual_seed(train_config.seed))
+        lm.prompt_config["base_model_name_or_path"] = lm.prompt_config["base_model_name_or_path"] or model
+        loss_fn = prompt_tuning_loss
     prepare_adapters(lm, adapters, compute_dtype=PRECISIONS[train_config.precision], also_train=new_rows)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable()
@@ -99,11 +116,16 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
                    lengths=[len(e["input_ids"]) for e in train_set])
     summary = {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,
                "final_loss": result.losses[-1] if result.losses else None, "evals": result.evals, "out": out}
+    if n_virtual:
+        summary.update(num_virtual_tokens=n_virtual, trainable=lm.prompt_embeddings.numel())
     if rank == 0:
         if adapters.lora_r:
             save_adapter(lm, Path(out) / "adapter")
             merge_and_unload(lm)
-        lm.cpu().save_pretrained(out)
+        if n_virtual:
+            save_prompt_tuning(lm, out)
+        else:
+            lm.cpu().save_pretrained(out)
         tok.save_pretrained(out)
         _write_summary(Path(out), summary)
     teardown_distributed()

@@ -98,6 +98,7 @@ class TrainConfig:
     device: Optional[str] = None
     resume: Any = False                 # False | True (out_dir/checkpoints if there is one) | a path
     quiet: bool = False
+    fsdp: bool = False                  # under torchrun: shard params, grads, AdamW states (fsdp.py) instead of DDP
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -315,10 +316,15 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
     model.to(device)
     model.train()
     wrapped = model
-    if world > 1:
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:  # ZeRO-3: a sharded twin trains; gather_full_model puts the weights back into `model` at the end
+        from minillm.train.fsdp import check_fsdp_config, shard_model
+        check_fsdp_config(cfg, eval_fn)
+        wrapped = shard_model(model)
+    elif world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(wrapped, cfg)
     amp_dtype = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
@@ -369,7 +375,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
             dist.barrier()
 
     def save() -> None:
-        if ckpt_dir is None:
+        if ckpt_dir is None or fsdp:  # the optimizer state is in shards (fsdp.py): the job saves the model
             return
         if rank == 0:
             save_checkpoint(ckpt_dir, model, optimizer, scaler, step=step, keep=cfg.keep_checkpoints,
@@ -418,6 +424,9 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save()
     result.seconds = time.perf_counter() - t0
+    if fsdp:
+        from minillm.train.fsdp import gather_full_model
+        gather_full_model(model, wrapped)
     run_eval()
     save()
     if own_log:
