@@ -282,6 +282,31 @@ def add_rlhf_demo(sub) -> None:
     p.set_defaults(func=cmd_rlhf_demo)
 
 
+def cmd_rlf_demo(args) -> int:
+    from minillm.demos.rlf_demo import RLFDemoConfig, run_rlf_demo
+    from minillm.rlhf.ppo import PPOConfig
+    names = {f.name for f in dataclasses.fields(RLFDemoConfig)} | {f.name for f in dataclasses.fields(PPOConfig)}
+    run_rlf_demo(RLFDemoConfig.make(args.tiny, **{k: v for k, v in vars(args).items() if k in names and v is not None}))
+    return 0
+
+
+def add_rlf_demo(sub) -> None:
+    from minillm.demos.rlf_demo import RLFDemoConfig
+    from minillm.rlhf.ppo import PPOConfig
+    p = sub.add_parser("rlf-demo", help="the book's ch. 9 loop offline: PPO on a T5 summarizer, reward = weighted "
+                                        "classifier logits, KL penalty")
+    add_config_args(p, RLFDemoConfig, ["out", "ppo_steps", "seed", "threads", "policy", "grammar", "sentiment", "device"],
+                    defaults={"ppo_steps": None},
+                    help={"policy": "seq2seq checkpoint (e.g. google/flan-t5-small); default: a tiny T5 taught here"})
+    add_config_args(p, PPOConfig, ["init_kl_coef", "target_kl"], defaults={"init_kl_coef": None, "target_kl": None},
+                    help={"init_kl_coef": "initial β of the KL penalty (0: off, shows what it prevents)"},
+                    flags={"init_kl_coef": "--kl-coef"})
+    p.add_argument("--reward-classifier", dest="reward_classifiers", action="append", metavar="DIR:LABEL:WEIGHT",
+                   help="a reward term (repeatable); replaces the grammar + sentiment classifiers")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale settings (a smoke run; numbers are rough)")
+    p.set_defaults(func=cmd_rlf_demo)
+
+
 def cmd_vqa_demo(args) -> int:
     from minillm.demos.vqa_demo import VQADemoConfig, run_vqa_demo
     fusions = ("mean", "tokens") if args.fusion == "both" else (args.fusion,)
@@ -308,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (add_generate, add_rlhf_demo, add_train_reward, add_ppo, add_attention, add_sft, add_classify,
-                add_evaluate, add_vqa_demo):
+    for add in (add_generate, add_rlhf_demo, add_rlf_demo, add_train_reward, add_ppo, add_attention, add_sft,
+                add_classify, add_evaluate, add_vqa_demo):
         add(sub)
     return ap
 

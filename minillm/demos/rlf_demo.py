@@ -85,7 +85,7 @@ class RLFDemoConfig:
     clf: TrainConfig = field(default_factory=_clf_settings)
     clf_examples: int = 4000
     ppo: PPOConfig = field(default_factory=_ppo_settings)
-    ppo_steps: int = 30
+    ppo_steps: int = 50
     n_heldout: int = 200              # the book's 200 held-out items
     eval_samples: int = 2             # sampled summaries per held-out item
     threads: Optional[int] = 1        # 1 is fastest on a shared 2-core machine
@@ -102,7 +102,7 @@ class RLFDemoConfig:
         cfg = cls(**kw)
         if tiny:
             base = dict(d_model=32, n_layers=1, sft_examples=600, clf_examples=800, n_heldout=200, eval_samples=1,
-                        sft=replace(cfg.sft, max_steps=60), clf=replace(cfg.clf, max_steps=30),
+                        sft=replace(cfg.sft, max_steps=60), clf=replace(cfg.clf, max_steps=60, warmup_steps=5, lr=2e-3),
                         ppo=replace(cfg.ppo, batch_size=32, mini_batch_size=16, ppo_epochs=2), ppo_steps=3)
             cfg = replace(cfg, **{k: v for k, v in base.items() if k not in kw})
         return replace(cfg, ppo=replace(cfg.ppo, **ppo_kw))
