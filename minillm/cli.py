@@ -15,7 +15,7 @@ import sys
 from typing import Optional
 
 from minillm.cli_args import (DATA_FORMATS, add_adapter_args, add_config_args, add_function_args,
-                              add_prompt_tuning_args, add_train_args, config_from_args, function_kwargs)
+                             add_prompt_tuning_args, add_train_args, config_from_args, function_kwargs, report_error)
 
 
 # ---- commands ----
@@ -140,31 +140,26 @@ def add_evaluate(sub) -> None:
 def cmd_train_reward(args) -> int:
     from minillm.lora import AdapterConfig
     from minillm.rlhf.jobs import train_reward_job
-    rec = train_reward_job(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, eval_frac=args.eval_frac, center_coef=args.center_coef,
-                           use_margin=not args.no_margin, seed=args.seed, device=args.device,
-                           max_length=args.max_length, adapters=config_from_args(AdapterConfig, args))
+    rec = train_reward_job(args.model, args.data, args.out, adapters=config_from_args(AdapterConfig, args),
+                           **function_kwargs(train_reward_job, args))
     print(f"held-out pairwise accuracy: {rec['eval_acc']:.3f}; reward model saved to {args.out}"
           if rec["eval_acc"] is not None else f"reward model saved to {args.out}")
     return 0
 
 
 def add_train_reward(sub) -> None:
+    from minillm.rlhf.jobs import train_reward_job
     p = sub.add_parser("train-reward", help="train a reward model (a causal LM or an encoder + scalar head) on "
                                             "preference pairs")
     p.add_argument("--model", required=True, help="backbone checkpoint: directory, weights/<name>, or hub id")
     p.add_argument("--data", required=True, help="pairs.jsonl: prompt, chosen, rejected [, margin | score_chosen, "
                                                  "score_rejected]")
     p.add_argument("--out", default="runs/reward-model", help="output directory")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--eval-frac", type=float, default=0.1, help="share of pairs held out for accuracy")
-    p.add_argument("--center-coef", type=float, default=0.0, help="reward centering coefficient")
-    p.add_argument("--no-margin", action="store_true", help="ignore margins (InstructGPT's loss)")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    add_function_args(p, train_reward_job, ["epochs", "batch_size", "lr", "eval_frac", "center_coef", "use_margin",
+                                            "max_length", "seed", "device"],
+                      help={"eval_frac": "share of pairs held out for accuracy",
+                            "center_coef": "reward centering coefficient",
+                            "use_margin": "--no-use-margin: ignore margins (InstructGPT's loss)"})
     add_adapter_args(p)
     p.set_defaults(func=cmd_train_reward)
 
@@ -221,6 +216,31 @@ def add_rlhf_demo(sub) -> None:
                     choices={"kl_estimator": KL_ESTIMATORS}, flags={"init_kl_coef": "--kl-coef"})
     p.add_argument("--tiny", action="store_true", help="seconds-scale settings (a smoke run; numbers are rough)")
     p.set_defaults(func=cmd_rlhf_demo)
+
+
+def cmd_rlf_demo(args) -> int:
+    from minillm.demos.rlf_demo import RLFDemoConfig, run_rlf_demo
+    from minillm.rlhf.ppo import PPOConfig
+    names = {f.name for f in dataclasses.fields(RLFDemoConfig)} | {f.name for f in dataclasses.fields(PPOConfig)}
+    run_rlf_demo(RLFDemoConfig.make(args.tiny, **{k: v for k, v in vars(args).items() if k in names and v is not None}))
+    return 0
+
+
+def add_rlf_demo(sub) -> None:
+    from minillm.demos.rlf_demo import RLFDemoConfig
+    from minillm.rlhf.ppo import PPOConfig
+    p = sub.add_parser("rlf-demo", help="the book's ch. 9 loop offline: PPO on a T5 summarizer, reward = weighted "
+                                        "classifier logits, KL penalty")
+    add_config_args(p, RLFDemoConfig, ["out", "ppo_steps", "seed", "threads", "policy", "grammar", "sentiment", "device"],
+                    defaults={"ppo_steps": None},
+                    help={"policy": "seq2seq checkpoint (e.g. google/flan-t5-small); default: a tiny T5 taught here"})
+    add_config_args(p, PPOConfig, ["init_kl_coef", "target_kl"], defaults={"init_kl_coef": None, "target_kl": None},
+                    help={"init_kl_coef": "initial β of the KL penalty (0: off, shows what it prevents)"},
+                    flags={"init_kl_coef": "--kl-coef"})
+    p.add_argument("--reward-classifier", dest="reward_classifiers", action="append", metavar="DIR:LABEL:WEIGHT",
+                   help="a reward term (repeatable); replaces the grammar + sentiment classifiers")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale settings (a smoke run; numbers are rough)")
+    p.set_defaults(func=cmd_rlf_demo)
 
 
 def cmd_vqa_demo(args) -> int:
@@ -319,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (add_generate, add_rlhf_demo, add_train_reward, add_ppo, add_attention, add_sft, add_classify,
-                add_evaluate, add_vqa_demo, add_distill, add_memory, add_dedup, add_peft_compare):
+    for add in (add_generate, add_rlhf_demo, add_rlf_demo, add_train_reward, add_ppo, add_attention, add_sft,
+                add_classify, add_evaluate, add_vqa_demo, add_distill, add_memory, add_dedup, add_peft_compare):
         add(sub)
     return ap
 
@@ -331,19 +351,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except KeyboardInterrupt:
-        print(f"minillm {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 — every error is reported the same way
+    except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 — every error is reported the same way
         if args.debug or os.environ.get("MINILLM_DEBUG"):
             raise
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        more = f" (+{len(lines) - 2} more lines; --debug shows all)" if len(lines) > 2 else ""
-        print(f"minillm {args.command}: {lines[0]}" + (f"\n  {lines[1].strip()}{more}" if len(lines) > 1 else ""),
-              file=sys.stderr)
-        bad_input = isinstance(e, (ValueError, TypeError, LookupError, FileNotFoundError, IsADirectoryError,
-                                   NotADirectoryError, PermissionError)) and not isinstance(e, FloatingPointError)
-        return 2 if bad_input else 1
+        return report_error(args.command, e)
 
 
 if __name__ == "__main__":

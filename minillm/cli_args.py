@@ -6,6 +6,7 @@ text the training commands show. cli.py imports these; each command there stays 
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import inspect
 import typing
@@ -100,3 +101,17 @@ def add_prompt_tuning_args(p: argparse.ArgumentParser) -> None:
                     help={"num_virtual_tokens": "N: train N soft-prompt vectors, the base frozen (peft's PROMPT_TUNING "
                                                 "files in --out; wants a high --lr, e.g. 3e-2)",
                           "init_text": "text whose token embeddings start the prompt (default: the first prompt)"})
+
+
+def report_error(command: str, e: BaseException) -> int:
+    """One or two lines on stderr naming what went wrong; the exit code: 2 bad input, 1 runtime failure, 130 Ctrl-C."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"minillm {command}: interrupted", file=sys.stderr)
+        return 130
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    more = f" (+{len(lines) - 2} more lines; --debug shows all)" if len(lines) > 2 else ""
+    print(f"minillm {command}: {lines[0]}" + (f"\n  {lines[1].strip()}{more}" if len(lines) > 1 else ""),
+          file=sys.stderr)
+    bad_input = isinstance(e, (ValueError, TypeError, LookupError, FileNotFoundError, IsADirectoryError,
+                               NotADirectoryError, PermissionError)) and not isinstance(e, FloatingPointError)
+    return 2 if bad_input else 1

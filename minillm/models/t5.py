@@ -114,6 +114,11 @@ class T5ForConditionalGeneration(nn.Module):
         """-> logits (B, T, vocab) for the decoder positions given (see decoder_hidden_states)."""
         h = self.decoder_hidden_states(decoder_input_ids, encoder_hidden_states, encoder_attention_mask,
                                        decoder_attention_mask, cache)
+        return self.logits_from_hidden(h)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoder hidden states (B, T, d_model) -> logits (B, T, vocab): what decode applies after the stack
+        (PPO's value head reads the same states)."""
         if self.config.scale_decoder_outputs:  # v1.0: the tied head reads d_model^-0.5-scaled states
             h = h * self.config.d_model ** -0.5
         return self.lm_head(h)

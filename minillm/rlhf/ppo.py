@@ -16,6 +16,13 @@ Logged per step (cleanrl's diagnostics): mean score, KL, entropy, clip fraction,
 The reference model: a deep copy of the policy frozen at the start, or — for a LoRA/QLoRA
 policy — the same model with its adapters disabled (one copy of the base weights).
 
+Decoder-only and encoder-decoder policies (T5, as the book's ch. 9 FLAN-T5) share every line of the
+math. Only the forward pass over [prompt | response] differs (PPOTrainer.model_inputs): a decoder-only
+LM reads the concatenation, the prompt being its first P positions; an encoder-decoder encodes the
+prompt and feeds its decoder [decoder_start | response], so P = 1 there. Either way the logits at
+positions P−1 … T−2 score the response tokens and the value head reads the same (decoder) hidden states
+— as trl's AutoModelForSeq2SeqLMWithValueHead and its batched_forward_pass do.
+
 Sources: Schulman et al., "Proximal Policy Optimization Algorithms" (2017), eq. 7 and 9;
 Ziegler et al. (2019); trl v0.11 `PPOTrainer.step/loss` (defaults: ε=0.2, ε_v=0.2, c_v=0.1, γ=1,
 λ=0.95); cleanrl's ppo.py for the logged statistics; the course's "policy loss + c1·value loss −
@@ -95,17 +102,29 @@ class ValueHead(nn.Module):
 
 class PolicyWithValueHead(nn.Module):
     """A causal LM (hidden_states(ids, mask) -> (B, T, H) and lm_head(hidden) -> logits) plus a value head
-    on the same last hidden states, as trl's AutoModelForCausalLMWithValueHead."""
+    on the same last hidden states, as trl's AutoModelForCausalLMWithValueHead; or an encoder-decoder
+    (`is_encoder_decoder`: encode, decoder_hidden_states, logits_from_hidden) with the value head on the
+    decoder's last hidden states, as trl's AutoModelForSeq2SeqLMWithValueHead."""
 
     def __init__(self, model: nn.Module, hidden_size: Optional[int] = None):
         super().__init__()
         self.model = model
+        self.is_encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         if hidden_size is None:
             hidden_size = model_width(model)
         self.v_head = ValueHead(hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-        """-> logits (B, T, V), values (B, T)"""
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                decoder_input_ids: Optional[torch.Tensor] = None,
+                decoder_attention_mask: Optional[torch.Tensor] = None):
+        """-> logits (B, T, V), values (B, T); T = the decoder's length for an encoder-decoder."""
+        if self.is_encoder_decoder:
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder policy needs decoder_input_ids ([decoder_start | response])")
+            enc = self.model.encode(input_ids, attention_mask)  # (B, S, H)
+            h = self.model.decoder_hidden_states(decoder_input_ids, enc, attention_mask,
+                                                 decoder_attention_mask)  # (B, T, H)
+            return self.model.logits_from_hidden(h), self.v_head(h)
         h = self.model.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, H)
         return self.model.lm_head(h), self.v_head(h)
 
@@ -157,7 +176,9 @@ class PPOConfig:
 
 @dataclass
 class Rollout:
-    """One batch of experience. Sequences are [left-padded prompt | right-padded response]."""
+    """One batch of experience. Sequences are [left-padded prompt | right-padded response] for a decoder-only
+    policy; for an encoder-decoder, the decoder's [decoder_start | right-padded response] (P = 1), the prompt
+    being the encoder's input."""
     sequences: torch.Tensor      # (B, P + R)
     attention_mask: torch.Tensor  # (B, P + R)
     prompt_len: int              # P
@@ -166,10 +187,19 @@ class Rollout:
     ref_logprobs: torch.Tensor   # (B, R) (or (B, R, V) for the 'full' estimator)
     values: torch.Tensor         # (B, R)
     entropy: torch.Tensor        # (B, R)
+    encoder_input_ids: Optional[torch.Tensor] = None       # (B, S) encoder-decoder only: the prompts
+    encoder_attention_mask: Optional[torch.Tensor] = None  # (B, S)
 
     @property
     def responses(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_len:]
+
+    @property
+    def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt ids, prompt mask) whichever kind of model read them."""
+        if self.encoder_input_ids is not None:
+            return self.encoder_input_ids, self.encoder_attention_mask
+        return self.sequences[:, :self.prompt_len], self.attention_mask[:, :self.prompt_len]
 
 
 def response_mask_from(responses: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
@@ -202,10 +232,28 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
                        if config.adaptive_kl else FixedKLController(config.init_kl_coef))
         self.generator = generator
+        self.is_encoder_decoder = policy.is_encoder_decoder
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
-    # ---- forward passes over [prompt | response] ----
+    # ---- forward passes over [prompt | response]: the one place the two kinds of model differ ----
+    @staticmethod
+    def model_inputs(sequences: torch.Tensor, attention_mask: torch.Tensor,
+                     encoder_input_ids: Optional[torch.Tensor] = None,
+                     encoder_attention_mask: Optional[torch.Tensor] = None) -> dict:
+        """Keyword arguments under which the LM (or the policy) gives logits over `sequences`: decoder-only,
+        the sequences themselves; encoder-decoder, the prompts to the encoder and the sequences
+        ([decoder_start | response]) to the decoder (trl's prepare_model_inputs)."""
+        if encoder_input_ids is None:
+            return {"input_ids": sequences, "attention_mask": attention_mask}
+        return {"input_ids": encoder_input_ids, "attention_mask": encoder_attention_mask,
+                "decoder_input_ids": sequences, "decoder_attention_mask": attention_mask}
+
+    def rollout_inputs(self, ro: Rollout, idx: Optional[torch.Tensor] = None) -> dict:
+        """model_inputs for the rows idx (all when None) of a rollout."""
+        ts = (ro.sequences, ro.attention_mask, ro.encoder_input_ids, ro.encoder_attention_mask)
+        return self.model_inputs(*(t if t is None or idx is None else t[idx] for t in ts))
+
     def _response_logits(self, model_out_logits: torch.Tensor, P: int) -> torch.Tensor:
         return next_token_logits(model_out_logits, P) / self.cfg.temperature  # (B, R, V): response tokens' logits
 
@@ -217,31 +265,35 @@ class PPOTrainer:
         seq = generate(policy.model, prompt_ids, attention_mask=prompt_mask, max_new_tokens=cfg.max_new_tokens,
                        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                        eos_token_id=self.eos_id, pad_token_id=self.pad_id, generator=self.generator)
-        P = prompt_ids.shape[1]
+        # decoder-only: seq = [prompt | response]; encoder-decoder: seq = [decoder_start | response]
+        P = 1 if self.is_encoder_decoder else prompt_ids.shape[1]
         if seq.shape[1] == P:
             raise ValueError("the policy generated no tokens (max_new_tokens = 0?)")
         rmask = response_mask_from(seq[:, P:], self.eos_id)
-        attn = torch.cat([prompt_mask.long(), rmask], dim=1)
-        logits, values = policy(seq, attn)
+        first = torch.ones_like(seq[:, :1]) if self.is_encoder_decoder else prompt_mask.long()
+        attn = torch.cat([first, rmask], dim=1)
+        enc = (prompt_ids, prompt_mask) if self.is_encoder_decoder else ()
+        inputs = self.model_inputs(seq, attn, *enc)
+        logits, values = policy(**inputs)
         rlogits = self._response_logits(logits, P)
         tokens = seq[:, P:]
         logprobs = token_logprobs(rlogits, tokens)
         ent = entropy(rlogits)
         with reference_context(policy.model, self.ref_model):
             ref = self.ref_model if self.ref_model is not None else policy.model
-            ref_logits = self._response_logits(ref(seq, attention_mask=attn), P)
+            ref_logits = self._response_logits(ref(**inputs), P)
         if cfg.kl_estimator == "full":
             ref_lp = F.log_softmax(ref_logits.float(), -1)
         else:
             ref_lp = token_logprobs(ref_logits, tokens)
-        return Rollout(seq, attn, P, rmask, logprobs, ref_lp, next_token_logits(values, P).float(), ent)
+        return Rollout(seq, attn, P, rmask, logprobs, ref_lp, next_token_logits(values, P).float(), ent, *enc)
 
     def decode(self, ro: Rollout) -> tuple[list[str], list[str]]:
         """Prompts (pads stripped) and responses (up to and including EOS) as text."""
         prompts, responses = [], []
-        P = ro.prompt_len
+        p_ids, p_mask = ro.prompts
         for i in range(ro.sequences.shape[0]):
-            p = ro.sequences[i, :P][ro.attention_mask[i, :P].bool()]
+            p = p_ids[i][p_mask[i].bool()]
             r = ro.responses[i][ro.response_mask[i].bool()]
             prompts.append(self.tok.decode(p.tolist()))
             responses.append(self.tok.decode(r.tolist()))
@@ -265,7 +317,7 @@ class PPOTrainer:
         full = cfg.kl_estimator == "full"
         if full:
             with torch.no_grad():
-                logits, _ = self.policy(ro.sequences, ro.attention_mask)
+                logits, _ = self.policy(**self.rollout_inputs(ro))
                 lp_full = F.log_softmax(self._response_logits(logits, ro.prompt_len).float(), -1)
             rewards, non_score, kl = compute_rewards(scores, lp_full, ro.ref_logprobs, mask, self.kl_ctl.value, "full")
         else:
@@ -288,7 +340,7 @@ class PPOTrainer:
             perm = torch.randperm(B, generator=self.generator) if self.generator is not None else torch.randperm(B)
             for s in range(0, B, mb):
                 idx = perm[s:s + mb].to(ro.sequences.device)
-                logits, vpred = self.policy(ro.sequences[idx], ro.attention_mask[idx])
+                logits, vpred = self.policy(**self.rollout_inputs(ro, idx))
                 rlogits = self._response_logits(logits, ro.prompt_len)
                 lp = token_logprobs(rlogits, ro.responses[idx])
                 vpred = next_token_logits(vpred, ro.prompt_len).float()
