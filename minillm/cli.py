@@ -128,7 +128,7 @@ def cmd_sft(args) -> int:
     s = sft_job(args.model, args.data, args.out, config_from_args(TrainConfig, args, out_dir=args.out),
                 config_from_args(AdapterConfig, args), eval_data=args.eval_data,
                 completion_only=args.completion_only, max_length=args.max_length,
-                gradient_checkpointing=args.gradient_checkpointing)
+                gradient_checkpointing=args.gradient_checkpointing, chat_format=args.chat_format)
     print(f"saved {args.out} (final loss {s['final_loss']:.4f})" if s["final_loss"] is not None else f"saved {args.out}")
     return 0
 
@@ -142,6 +142,9 @@ def add_sft(sub) -> None:
     p.add_argument("--completion-only", action="store_true", help="loss only on the final response")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block's activations in backward (less memory, ~1 more forward)")
+    p.add_argument("--chat-format", choices=["sawyer", "llama3"], default=None,
+                   help="how {messages} records are written (default: llama3 when the tokenizer has Llama-3's chat "
+                        "tokens, else the book's ###HUMAN### format)")
     add_adapter_args(p)
     add_train_args(p, epochs=1, batch_size=1, lr=5e-5)
     p.set_defaults(func=cmd_sft)
@@ -271,8 +274,12 @@ def add_rlhf_demo(sub) -> None:
     from minillm.rlhf.kl import KL_ESTIMATORS
     from minillm.rlhf.ppo import PPOConfig
     p = sub.add_parser("rlhf-demo", help="offline RLHF end to end: SFT -> reward model -> PPO with a KL penalty")
-    add_config_args(p, DemoConfig, ["out", "ppo_steps", "seed", "threads"], defaults={"ppo_steps": None},
-                    help={"threads": "torch CPU threads (1 is fastest on a busy 2-core box)"})
+    add_config_args(p, DemoConfig, ["out", "ppo_steps", "seed", "threads", "policy", "rm_backbone"],
+                    defaults={"ppo_steps": None, "policy": None, "rm_backbone": None},
+                    help={"threads": "torch CPU threads (1 is fastest on a busy 2-core box)",
+                          "policy": "gpt2 (default) | llama (SAWYER: QLoRA SFT in the ###HUMAN### format, RoBERTa "
+                                    "reward model, PPO mb 8 x accumulation 4) | a causal-LM hub name or directory",
+                          "rm_backbone": "bert | roberta | gpt2 | a hub name or directory (e.g. roberta-base)"})
     add_config_args(p, PPOConfig, ["init_kl_coef", "adaptive_kl", "target_kl", "kl_estimator"],
                     defaults={n: None for n in ("init_kl_coef", "adaptive_kl", "target_kl", "kl_estimator")},
                     help={"init_kl_coef": "initial β of the KL penalty (0: off, shows reward hacking)",

@@ -120,3 +120,16 @@ def test_sawyer_checkpoints_load_and_read_the_chat_tokens(sawyer_run):
     assert tok.eos_token == STOP
     with torch.no_grad():
         assert lm(torch.tensor([ids])).shape == (1, len(ids), len(tok))
+
+
+@pytest.mark.slow
+def test_sawyer_takes_hub_checkpoints(tmp_path):
+    """The same command on checkpoints in the hub layout (here the committed tiny ones, standing in for a Llama and
+    roberta-base): the chat tokens are added to the Llama's own tokenizer and its embedding resized, the reward
+    model reads text with RoBERTa's tokenizer. Numbers are not checked: random tiny weights."""
+    from minillm.demos.rlhf_demo import DemoConfig, run_demo
+    s = run_demo(DemoConfig.make(tiny=True, policy="tiny-llama", rm_backbone="tiny-roberta", out=str(tmp_path),
+                                 ppo_steps=1, sft_examples=200), quiet=True)
+    assert "QLoRA" in s["policy"] and "hub checkpoint" in s["reward_model_backbone"]
+    tok = Tokenizer.from_pretrained(str(tmp_path / "sft"))
+    assert all(tok.token_to_id(t) is not None for t in (HUMAN, BOT, STOP))
