@@ -1,43 +1,35 @@
 """The command line: `minillm <command> ...` (also `python -m minillm`).
 
-Each command parses its arguments and makes one library call; the recipes live in jobs modules
-(train/jobs.py, rlhf/jobs.py, the demos). Options that set a config dataclass are generated from its
-fields (one name per concept across commands: --out, --lora-r, --quantize, --seed, --device), and
-choices come from the library's own constants.
+Each command parses its arguments and makes one library call; the recipes live in jobs modules (train/jobs.py,
+rlhf/jobs.py, the demos). Options are generated from the config dataclasses and library signatures (cli_args.py),
+one name per concept across commands (--out, --lora-r, --quantize, --seed, --device); choices are the library's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Optional
 
-from minillm.cli_args import (DATA_FORMATS, add_adapter_args, add_config_args, add_function_args,
-                             add_prompt_tuning_args, add_train_args, config_from_args, function_kwargs, report_error)
+from minillm.cli_args import (DATA_FORMATS, add_adapter_args, add_config_args, add_function_args, add_prompt_tuning_args,
+                             add_train_args, config_from_args, function_kwargs, given_fields, report_error)
 
 
 # ---- commands ----
 def cmd_generate(args) -> int:
     from minillm.inference import generate_text
-    print(generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        device=args.device))
+    print(generate_text(args.model, args.prompt, **function_kwargs(generate_text, args)))
     return 0
 
 
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a causal LM checkpoint")
+    from minillm.inference import generate_text
+    p = sub.add_parser("generate", help="continue a prompt with a causal LM (or answer it with a T5) checkpoint")
     p.add_argument("--model", default="tiny-gpt2", help="checkpoint directory, weights/<name>, or hub id")
     p.add_argument("--prompt", default="The movie was", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    add_function_args(p, generate_text, ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
+                                         "device"])
     p.set_defaults(func=cmd_generate)
 
 
@@ -65,10 +57,8 @@ def cmd_sft(args) -> int:
     from minillm.train.jobs import sft_job
     from minillm.train.loop import TrainConfig
     s = sft_job(args.model, args.data, args.out, config_from_args(TrainConfig, args, out_dir=args.out),
-                config_from_args(AdapterConfig, args), eval_data=args.eval_data,
-                completion_only=args.completion_only, max_length=args.max_length,
-                gradient_checkpointing=args.gradient_checkpointing,
-                prompt_tuning=config_from_args(PromptTuningConfig, args))
+                config_from_args(AdapterConfig, args), prompt_tuning=config_from_args(PromptTuningConfig, args),
+                **function_kwargs(sft_job, args))
     print(f"saved {args.out} (final loss {s['final_loss']:.4f})" if s["final_loss"] is not None else f"saved {args.out}")
     return 0
 
@@ -82,6 +72,9 @@ def add_sft(sub) -> None:
     p.add_argument("--completion-only", action="store_true", help="loss only on the final response")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block's activations in backward (less memory, ~1 more forward)")
+    p.add_argument("--chat-format", choices=["sawyer", "llama3"], default=None,
+                   help="how {messages} records are written (default: llama3 when the tokenizer has Llama-3's chat "
+                        "tokens, else the book's ###HUMAN### format)")
     add_adapter_args(p)
     add_prompt_tuning_args(p)
     add_train_args(p, epochs=1, batch_size=1, lr=5e-5)
@@ -92,48 +85,43 @@ def cmd_classify(args) -> int:
     from minillm.train.jobs import classify_job
     from minillm.train.loop import TrainConfig
     s = classify_job(args.model, args.data, args.out, config_from_args(TrainConfig, args, out_dir=args.out),
-                     eval_data=args.eval_data, labels=args.labels, text_key=args.text_key, labels_key=args.labels_key,
-                     freeze_up_to=args.freeze_up_to, threshold=args.threshold, max_length=args.max_length)
+                     **function_kwargs(classify_job, args))
     print(" | ".join(f"{k} {v:.4f}" for k, v in s["eval"].items() if isinstance(v, float)) or f"saved {args.out}")
     return 0
 
 
 def add_classify(sub) -> None:
+    from minillm.train.jobs import classify_job
     p = sub.add_parser("classify", help="multi-label classification fine-tuning of an encoder (BERT, DistilBERT)",
                        description="Records {text, labels}: labels a JSON list of names or, in CSV, names "
                                    "separated by ';'. Reports micro F1, micro Jaccard, subset accuracy, micro ROC-AUC.")
     p.add_argument("--model", default="tiny-distilbert", help="encoder checkpoint")
     p.add_argument("--data", required=True, help="training JSONL or CSV")
     p.add_argument("--out", default="runs/classify", help="output directory")
-    p.add_argument("--text-key", default="text")
-    p.add_argument("--labels-key", default="labels")
     p.add_argument("--labels", default=None, type=lambda s: [n.strip() for n in s.split(",")],
                    help="comma-separated label set (default: those in --data)")
-    p.add_argument("--freeze-up-to", type=int, default=None,
-                   help="freeze the embeddings and encoder layers 0..N-1 (the book freezes up to layer 4 of 6)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    add_function_args(p, classify_job, ["text_key", "labels_key", "freeze_up_to", "threshold"],
+                      help={"freeze_up_to": "freeze the embeddings and encoder layers 0..N-1 (the book: 4 of 6)"})
     add_train_args(p, epochs=1, batch_size=8, lr=5e-5)
     p.set_defaults(func=cmd_classify)
 
 
 def cmd_evaluate(args) -> int:
     from minillm.evaluation import evaluate_rouge
-    s = evaluate_rouge(args.model, args.data, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       device=args.device)
+    s = evaluate_rouge(args.model, args.data, **function_kwargs(evaluate_rouge, args))
     print(" | ".join(f"{k} {s[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")) + f" (n={s['n']})")
     return 0
 
 
 def add_evaluate(sub) -> None:
+    from minillm.evaluation import evaluate_rouge
     p = sub.add_parser("evaluate", help="greedy-generate for each record and score against its target (ROUGE)",
                        description="Records {input, target} | {prompt, completion} | {english, latex}. Encoder-"
                                    "decoder (T5) or causal LM checkpoints. Prints mean F1 of rouge1/2/L/Lsum.")
     p.add_argument("--model", required=True, help="checkpoint directory, weights/<name>, or hub id")
     p.add_argument("--data", required=True, help="JSONL or CSV")
     p.add_argument("--metric", default="rouge", choices=["rouge"])
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
+    add_function_args(p, evaluate_rouge, ["max_new_tokens", "batch_size", "device"])
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -197,8 +185,7 @@ def add_ppo(sub) -> None:
 def cmd_rlhf_demo(args) -> int:
     from minillm.demos.rlhf_demo import DemoConfig, run_demo
     from minillm.rlhf.ppo import PPOConfig
-    names = {f.name for f in dataclasses.fields(DemoConfig)} | {f.name for f in dataclasses.fields(PPOConfig)}
-    run_demo(DemoConfig.make(args.tiny, **{k: v for k, v in vars(args).items() if k in names and v is not None}))
+    run_demo(DemoConfig.make(args.tiny, **given_fields(args, DemoConfig, PPOConfig)))
     return 0
 
 
@@ -207,8 +194,12 @@ def add_rlhf_demo(sub) -> None:
     from minillm.rlhf.kl import KL_ESTIMATORS
     from minillm.rlhf.ppo import PPOConfig
     p = sub.add_parser("rlhf-demo", help="offline RLHF end to end: SFT -> reward model -> PPO with a KL penalty")
-    add_config_args(p, DemoConfig, ["out", "ppo_steps", "seed", "threads"], defaults={"ppo_steps": None},
-                    help={"threads": "torch CPU threads (1 is fastest on a busy 2-core box)"})
+    add_config_args(p, DemoConfig, ["out", "ppo_steps", "seed", "threads", "policy", "rm_backbone"],
+                    defaults={"ppo_steps": None, "policy": None, "rm_backbone": None},
+                    help={"threads": "torch CPU threads (1 is fastest on a busy 2-core box)",
+                          "policy": "gpt2 (default) | llama (SAWYER: QLoRA SFT in the ###HUMAN### format, RoBERTa "
+                                    "reward model, PPO mb 8 x accumulation 4) | a causal-LM hub name or directory",
+                          "rm_backbone": "bert | roberta | gpt2 | a hub name or directory (e.g. roberta-base)"})
     add_config_args(p, PPOConfig, ["init_kl_coef", "adaptive_kl", "target_kl", "kl_estimator"],
                     defaults={n: None for n in ("init_kl_coef", "adaptive_kl", "target_kl", "kl_estimator")},
                     help={"init_kl_coef": "initial β of the KL penalty (0: off, shows reward hacking)",
@@ -221,8 +212,7 @@ def add_rlhf_demo(sub) -> None:
 def cmd_rlf_demo(args) -> int:
     from minillm.demos.rlf_demo import RLFDemoConfig, run_rlf_demo
     from minillm.rlhf.ppo import PPOConfig
-    names = {f.name for f in dataclasses.fields(RLFDemoConfig)} | {f.name for f in dataclasses.fields(PPOConfig)}
-    run_rlf_demo(RLFDemoConfig.make(args.tiny, **{k: v for k, v in vars(args).items() if k in names and v is not None}))
+    run_rlf_demo(RLFDemoConfig.make(args.tiny, **given_fields(args, RLFDemoConfig, PPOConfig)))
     return 0
 
 
@@ -246,9 +236,8 @@ def add_rlf_demo(sub) -> None:
 def cmd_vqa_demo(args) -> int:
     from minillm.demos.vqa_demo import VQADemoConfig, run_vqa_demo
     fusions = ("mean", "tokens") if args.fusion == "both" else (args.fusion,)
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(VQADemoConfig)}
-             and v is not None}
-    run_vqa_demo(VQADemoConfig(**given, fusions=fusions), out_dir=args.out, plot=not args.no_plot)
+    run_vqa_demo(VQADemoConfig(**given_fields(args, VQADemoConfig), fusions=fusions), out_dir=args.out,
+                 plot=not args.no_plot)
     return 0
 
 
@@ -305,16 +294,16 @@ def add_memory(sub) -> None:
 
 def cmd_dedup(args) -> int:
     from minillm.dedup import dedup_jsonl
-    s = dedup_jsonl(args.data, args.field, args.threshold, args.out, model_name=args.model)
+    s = dedup_jsonl(args.data, args.out, args.field, args.threshold, model_name=args.model)
     print(f"kept {s['kept']} of {s['records']} records ({s['dropped']} near-duplicates dropped) -> {args.out}")
     return 0
 
 
 def add_dedup(sub) -> None:
+    from minillm.dedup import dedup_jsonl
     p = sub.add_parser("dedup", help="drop near-duplicate records (sentence-embedding cosine >= threshold)")
     p.add_argument("--data", required=True, help="input JSONL")
-    p.add_argument("--field", default="text", help="the string field compared")
-    p.add_argument("--threshold", type=float, default=0.9)
+    add_function_args(p, dedup_jsonl, ["field", "threshold"], help={"field": "the string field compared"})
     p.add_argument("--out", required=True, help="output JSONL (the kept records, in order)")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="sentence encoder (BERT) checkpoint")
     p.set_defaults(func=cmd_dedup)

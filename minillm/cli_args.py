@@ -46,6 +46,12 @@ def add_config_args(p: argparse.ArgumentParser, cls, names: list[str], defaults:
             p.add_argument(flag, type=typ if typ in (int, float, str) else str, choices=choices.get(name), **kw)
 
 
+def given_fields(args: argparse.Namespace, *classes) -> dict:
+    """The parsed arguments that name a field of one of `classes` and were given (not None)."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
 def config_from_args(cls, args: argparse.Namespace, **extra):
     """Build `cls` from the parsed arguments that name its fields (plus `extra`)."""
     names = {f.name for f in dataclasses.fields(cls)}

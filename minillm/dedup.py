@@ -86,7 +86,7 @@ def dedup_texts(texts: Sequence[str], threshold: float = 0.95, **embed_kwargs) -
     return greedy_dedup(embed_texts(texts, **embed_kwargs), threshold)
 
 
-def dedup_jsonl(path: Union[str, Path], field: str, threshold: float, out_path: Union[str, Path],
+def dedup_jsonl(path: Union[str, Path], out_path: Union[str, Path], field: str = "text", threshold: float = 0.9,
                 model_name: str = "all-MiniLM-L6-v2", batch_size: int = 64, max_length: int = 256,
                 model=None, tokenizer=None) -> dict:
     """Read a JSONL file, keep the records whose `field` is not a near-duplicate (cosine ≥ threshold) of an earlier

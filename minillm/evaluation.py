@@ -68,7 +68,7 @@ def greedy_predictions(model, tokenizer: Tokenizer, inputs: Sequence[str], max_n
 
 def evaluate_rouge(model: Union[str, torch.nn.Module], data: Union[str, Path, Sequence[dict]],
                    max_new_tokens: int = 32, batch_size: int = 8, tokenizer: Optional[Tokenizer] = None,
-                   device=None) -> dict:
+                   device: Optional[str] = None) -> dict:
     """ROUGE of greedy predictions vs targets: {"rouge1", "rouge2", "rougeL", "rougeLsum", "n", "predictions"}.
 
     model: a checkpoint (directory, weights/<name>, hub id) or a loaded model (then pass its tokenizer);

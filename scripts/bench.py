@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-AREAS = ["gpt2", "encoders", "quant", "train", "text_metrics", "t5", "llama", "memory"]
+AREAS = ["gpt2", "encoders", "quant", "train", "text_metrics", "t5", "llama", "memory", "qlora"]
+MODULES = {"qlora": "qlora_memory"}  # area -> benches/<module>.py where the names differ
 
 
 def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None) -> tuple[float, float]:
@@ -107,7 +108,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     for area in args.areas:
         print(f"[bench] {area}", file=sys.stderr, flush=True)
-        rows = importlib.import_module(f"benches.{area}").run(args)
+        rows = importlib.import_module(f"benches.{MODULES.get(area, area)}").run(args)
         print(json.dumps({area: rows}, indent=2), flush=True)
         write_md(rows, args.device, area, Path(args.out))  # one section per (device, area), replaced in place
 

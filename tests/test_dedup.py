@@ -70,7 +70,7 @@ def test_dedup_jsonl_with_tiny_bert(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     out = tmp_path / "out.jsonl"
-    res = dedup_jsonl(src, "text", 0.9999, out, model=m, tokenizer=tok)
+    res = dedup_jsonl(src, out, "text", 0.9999, model=m, tokenizer=tok)
     ids = [json.loads(l)["id"] for l in out.read_text().splitlines()]
     emb = embed_texts(texts, model=m, tokenizer=tok)
     assert ids == naive(emb, 0.9999) and 2 not in ids and 4 not in ids and ids[0] == 0
@@ -80,7 +80,7 @@ def test_dedup_jsonl_with_tiny_bert(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        dedup_jsonl(bad, "text", 0.9, out, model=m, tokenizer=tok)
+        dedup_jsonl(bad, out, "text", 0.9, model=m, tokenizer=tok)
 
 
 SENTENCES = [

@@ -17,7 +17,12 @@ turns in the book's chat format
 
 where the completion is the final bot answer (and its ###STOP###); or `{"text"}` (no prompt).
 The three markers are added to the tokenizer as special tokens (never split) and the model's
-embedding matrix is resized, the new rows starting at the mean embedding.
+embedding matrix is resized, the new rows starting at the mean embedding. A tokenizer that already
+knows Llama-3's chat tokens gets Llama-3's own template instead (chat_format_for; or ask for one):
+
+    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+
+(contents stripped, as Meta's template does; a "system" turn is allowed first).
 
 Batches are padded dynamically — to the longest row of the batch, not a global maximum (the
 book's "dynamic padding", ch. 10). Bad data fails before training, naming file and line.
@@ -38,6 +43,10 @@ from minillm.losses import IGNORE_INDEX as IGNORE
 
 HUMAN, BOT, STOP = "###HUMAN###", "###BOT###", "###STOP###"
 CHAT_TOKENS = (HUMAN, BOT, STOP)
+# Llama-3's chat template tokens (Meta's tokenizer has them; a base model has them untrained)
+L3_BOS, L3_START, L3_END, L3_EOT = "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+LLAMA3_TOKENS = (L3_START, L3_END, L3_EOT)
+CHAT_FORMATS = ("sawyer", "llama3")
 LATEX_TEMPLATE = "Convert English to LaTeX\nEnglish: {english}\nLaTeX: {latex}"
 
 
@@ -70,10 +79,43 @@ def format_chat(messages: Sequence[dict], where: str = "record") -> tuple[str, s
     return prompt + BOT, f" {messages[-1]['content']}{STOP}"
 
 
-def prompt_and_completion(record: dict, eos: Optional[str] = None) -> tuple[str, str]:
-    """Any supported record -> (prompt, completion) strings (see the module docstring)."""
+def format_llama3_chat(messages: Sequence[dict], where: str = "record", bos: bool = True) -> tuple[str, str]:
+    """Turns -> (prompt, completion) in Llama-3's template: the prompt ends with the assistant header, the
+    completion is the final assistant turn and its <|eot_id|> (Llama-3-Instruct's end of turn)."""
+    roles = {"system": "system", "human": "user", "user": "user", "bot": "assistant", "assistant": "assistant"}
+    if not messages:
+        raise DataError(f"{where}: 'messages' is empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: each message needs a role in {sorted(roles)} and a string content, found {m!r}")
+        if roles[m["role"]] == "system" and i:
+            raise DataError(f"{where}: a system message may only come first (message {i})")
+    if roles[messages[-1]["role"]] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's response (role 'bot'/'assistant')")
+
+    def header(role: str) -> str:
+        return f"{L3_START}{role}{L3_END}\n\n"
+    prompt = L3_BOS if bos else ""
+    for m in messages[:-1]:
+        prompt += header(roles[m["role"]]) + m["content"].strip() + L3_EOT
+    return prompt + header("assistant"), messages[-1]["content"].strip() + L3_EOT
+
+
+def chat_format_for(tokenizer) -> str:
+    """"llama3" when the tokenizer knows Llama-3's chat tokens, else "sawyer" (the book's ###HUMAN### format)."""
+    known = all(tokenizer.token_to_id(t) is not None for t in LLAMA3_TOKENS)
+    return "llama3" if known else "sawyer"
+
+
+def prompt_and_completion(record: dict, eos: Optional[str] = None, chat_format: str = "sawyer") -> tuple[str, str]:
+    """Any supported record -> (prompt, completion) strings (see the module docstring); `messages` in the
+    book's format (chat_format "sawyer") or Llama-3's ("llama3")."""
     where = record.get("_where", "record")
     if "messages" in record:
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
+        if chat_format == "llama3":
+            return format_llama3_chat(record["messages"], where)
         return format_chat(record["messages"], where)
     end = eos or ""
     if "prompt" in record and "completion" in record:
@@ -89,18 +131,20 @@ def prompt_and_completion(record: dict, eos: Optional[str] = None) -> tuple[str,
 
 
 def encode_sft(records: Sequence[dict], tokenizer, max_length: Optional[int] = None,
-               completion_only: bool = True) -> list[dict]:
+               completion_only: bool = True, chat_format: Optional[str] = None) -> list[dict]:
     """Records -> [{"input_ids": [...], "labels": [...]}]; prompt labels -100 when completion_only.
+    chat_format: how `messages` records are written; None = chat_format_for(tokenizer).
 
     Raises DataError (before any training) for an empty dataset or a sample whose labelled part
     is truncated away entirely by max_length."""
     if not records:
         raise DataError("empty dataset (no records)")
     eos = tokenizer.eos_token
+    chat_format = chat_format or chat_format_for(tokenizer)
     out = []
     for i, r in enumerate(records):
         where = r.get("_where", f"record {i}")
-        prompt, completion = prompt_and_completion(r, eos)
+        prompt, completion = prompt_and_completion(r, eos, chat_format)
         p_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
         c_ids = tokenizer.encode(completion, add_special_tokens=False)
         if not c_ids:

@@ -11,6 +11,15 @@
     SFT reference and the adaptive KL controller. `init_kl_coef=0` turns the penalty off: the proxy
     reward still rises, while the true score or the diversity of the text falls (reward hacking).
 
+SAWYER (the book ch. 10; `policy="llama"`): the same pipeline with a Llama policy built from a config,
+fine-tuned with QLoRA (NF4 base linears, bf16 compute where the CPU has bf16 instructions, else fp32; no
+double quantization; LoRA on every linear with the book's α/r = 32/128 and dropout 0.05; the embedding and
+untied head train beside it, as sft_job does for new chat tokens) on single-turn Q/A in the
+###HUMAN### / ###BOT### / ###STOP### format with the loss on the bot reply only; a RoBERTa reward model with
+the margin loss; PPO with the book's batch 8 × gradient accumulation 4 and 2 PPO epochs (the learning rate
+scaled up for a tiny model). `policy` and `rm_backbone` also take hub names or checkpoint directories
+(e.g. a Llama checkpoint and roberta-base): the same steps then run on the real models.
+
 Held-out evaluation (64 prompts never used for training) compares the SFT and PPO policies on
 the proxy reward, the true score, the KL to the reference and distinct-2. Everything lands in
 runs/rlhf-demo/ (cfg.out): metrics.jsonl, summary.json, report.md, the checkpoints, and curves.png when
@@ -39,7 +48,8 @@ from minillm.demos import synthetic_reviews as sr
 from minillm.demos.rlhf_report import plot_curves, summary_table, write_report
 from minillm.generation import generate
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from minillm.data.sft import CausalLMCollator
+from minillm.data.sft import BOT, CHAT_TOKENS, HUMAN, STOP, CausalLMCollator, add_chat_tokens
+from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter, trainable_report
 from minillm.losses import IGNORE_INDEX, next_token_logprobs
 from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, response_mask_from
 from minillm.rlhf.reward import RewardModel, RewardScorer, rankings_to_pairs, train_reward_model
@@ -62,6 +72,17 @@ def _ppo_settings() -> PPOConfig:
                      target_kl=3.0, horizon=1000.0, kl_estimator="k1", max_new_tokens=20)
 
 
+def _sawyer_settings(cfg: "DemoConfig") -> dict:
+    """SAWYER's recipe (the book ch. 10) scaled to a 2-layer, 64-wide Llama: QLoRA with α/r = 32/128 = 1/4 and
+    dropout 0.05 (r 32 instead of 128 on a 64-wide model); PPO with minibatches of 8, gradient accumulation 4 and
+    2 PPO epochs, as the book; its lr 1.41e-5 suits an 8B model, a tiny LoRA policy needs a larger one."""
+    return dict(rm_backbone="roberta", chat_format="sawyer",
+                adapters=AdapterConfig(lora_r=32, lora_alpha=8.0, lora_dropout=0.05, quantize="nf4"),
+                sft=replace(cfg.sft, lr=3e-3),
+                ppo=replace(cfg.ppo, lr=1e-3, batch_size=64, mini_batch_size=8, gradient_accumulation_steps=4,
+                            ppo_epochs=2))
+
+
 @dataclass
 class DemoConfig:
     out: str = "runs/rlhf-demo"      # everything the run writes goes here
@@ -76,7 +97,12 @@ class DemoConfig:
     label_noise: float = 0.5
     rm_center_coef: float = 0.01
     use_margin: bool = True
-    rm_backbone: str = "bert"         # "bert": a small BERT from scratch, [CLS] pooled; "gpt2": the SFT body, last token
+    rm_backbone: str = "bert"         # "bert" / "roberta": a small encoder from scratch, first token pooled; "gpt2": the
+                                      # SFT body, last token; or a hub name / checkpoint directory (e.g. roberta-base)
+    policy: str = "gpt2"              # "gpt2" / "llama" (SAWYER: QLoRA, chat format, RoBERTa RM) from a config, or a
+                                      # causal-LM hub name / checkpoint directory (its own tokenizer + the chat tokens)
+    chat_format: str = "plain"        # "plain": "review of ... :" -> review [EOS]; "sawyer": ###HUMAN### / ###BOT### / ###STOP###
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)  # the policy's SFT (and PPO): full, LoRA or QLoRA
     ppo: PPOConfig = field(default_factory=_ppo_settings)     # (c) PPO (max_new_tokens: the response length)
     ppo_steps: int = 40
     n_heldout: int = 64               # evaluation
@@ -90,11 +116,17 @@ class DemoConfig:
         ppo_names = {f.name for f in fields(PPOConfig)}
         ppo_kw = {k: kw.pop(k) for k in list(kw) if k in ppo_names}
         cfg = cls(**kw)
+        if cfg.policy != "gpt2":  # SAWYER's recipe for a Llama (or any hub) policy, unless set explicitly
+            cfg = replace(cfg, **{k: v for k, v in _sawyer_settings(cfg).items() if k not in kw})
         if tiny:
             base = dict(n_embd=32, n_layer=1, n_head=2, sft_examples=800, k_responses=4, n_heldout=64, eval_samples=1,
                         sft=replace(cfg.sft, max_steps=120, batch_size=32), rm=replace(cfg.rm, epochs=2),
-                        ppo=replace(cfg.ppo, batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=16),
                         ppo_steps=3)
+            if cfg.policy == "gpt2":
+                base["ppo"] = replace(cfg.ppo, batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=16)
+            else:  # SAWYER: keep minibatches of 8 x accumulation 4
+                base.update(sft=replace(cfg.sft, max_steps=150, batch_size=32),
+                            ppo=replace(cfg.ppo, batch_size=32, ppo_epochs=2, max_new_tokens=16))
             cfg = replace(cfg, **{k: v for k, v in base.items() if k not in kw})
         return replace(cfg, ppo=replace(cfg.ppo, **ppo_kw))
 
@@ -122,36 +154,108 @@ def encoder_tokenizer(tok: Tokenizer) -> Tokenizer:
     return Tokenizer(t, padding_side="right", pad_token=sr.PAD, eos_token=sr.EOS, unk_token=sr.UNK, cls_token=sr.CLS)
 
 
+RM_BACKBONES = {"bert": "BERT from a config ([CLS] pooled) + scalar head",
+                "roberta": "RoBERTa from a config (<s> pooled) + scalar head",
+                "gpt2": "GPT-2 (SFT body, last token) + scalar head"}
+
+
 def build_reward_model(cfg: DemoConfig, tok: Tokenizer, sft_lm: GPT2LMHeadModel) -> tuple[RewardModel, Tokenizer]:
-    """BERT (from a config, [CLS] pooled) or the SFT GPT-2 body (InstructGPT's choice, last token pooled)."""
+    """BERT or RoBERTa (from a config, first token pooled), the SFT GPT-2 body (InstructGPT's choice, last token
+    pooled), or a hub checkpoint (roberta-base: SAWYER's) with its own tokenizer."""
     if cfg.rm_backbone == "gpt2":
         return RewardModel(copy.deepcopy(sft_lm).requires_grad_(True), cfg.n_embd, pool="last"), tok
-    if cfg.rm_backbone != "bert":
-        raise ValueError(f"rm_backbone must be 'bert' or 'gpt2', got {cfg.rm_backbone!r}")
+    if cfg.rm_backbone not in RM_BACKBONES:  # a hub name or directory
+        from minillm.models.layers import hidden_size
+        from minillm.rlhf.reward import load_backbone
+        from minillm.train.jobs import load_tokenizer
+        backbone = load_backbone(cfg.rm_backbone)
+        pool = "last" if hasattr(backbone, "hidden_states") else "first"
+        return RewardModel(backbone, hidden_size(backbone), pool=pool), load_tokenizer(cfg.rm_backbone)
     from minillm.models.bert import BertConfig, BertModel
-    bcfg = BertConfig(vocab_size=len(tok), hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+    from minillm.models.roberta import RobertaConfig, RobertaModel
+    config_cls, model_cls = (RobertaConfig, RobertaModel) if cfg.rm_backbone == "roberta" else (BertConfig, BertModel)
+    # RoBERTa counts positions from pad_token_id + 1: leave room for them
+    bcfg = config_cls(vocab_size=len(tok), hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
                       num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
-    return RewardModel(BertModel(bcfg, add_pooling_layer=False), cfg.n_embd, pool="first"), encoder_tokenizer(tok)
+                      attention_probs_dropout_prob=0.0, max_position_embeddings=64 + tok.pad_token_id + 1,
+                      pad_token_id=tok.pad_token_id)
+    return RewardModel(model_cls(bcfg, add_pooling_layer=False), cfg.n_embd, pool="first"), encoder_tokenizer(tok)
 
 
-def build_policy(cfg: DemoConfig, tok: Tokenizer) -> GPT2LMHeadModel:
+def build_policy(cfg: DemoConfig, tok: Tokenizer):
+    """GPT-2 or (SAWYER) Llama from a config, sized by n_embd / n_layer / n_head."""
+    if cfg.policy == "llama":
+        from minillm.models.llama import LlamaConfig, LlamaForCausalLM
+        lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.n_embd, intermediate_size=2 * cfg.n_embd,
+                           num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                           num_key_value_heads=max(1, cfg.n_head // 2), max_position_embeddings=64,
+                           initializer_range=0.02, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+        return LlamaForCausalLM(lcfg)
     gcfg = GPT2Config(vocab_size=len(tok), n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
                       n_positions=48, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return GPT2LMHeadModel(gcfg)
 
 
+def build_policy_and_tokenizer(cfg: DemoConfig, texts: list[str]):
+    """The policy and its tokenizer. From a config: a word-level tokenizer trained on the synthetic texts (plus,
+    for the chat format, the three chat tokens, ###STOP### ending a reply). From a hub name: its own tokenizer
+    and weights, the chat tokens added and the embedding resized (add_chat_tokens)."""
+    if cfg.policy in ("gpt2", "llama"):
+        tok = build_tokenizer(texts)
+        if cfg.chat_format == "sawyer":
+            tok.add_special_tokens(CHAT_TOKENS, eos_token=STOP)
+        return build_policy(cfg, tok), tok
+    from minillm.models.auto import load_model
+    from minillm.train.jobs import load_tokenizer
+    lm, tok = load_model(cfg.policy, "causal-lm"), load_tokenizer(cfg.policy)
+    if cfg.chat_format == "sawyer":
+        add_chat_tokens(tok, lm)
+        tok.add_special_tokens([], eos_token=STOP)
+    return lm, tok
+
+
+def chat_prompt(cfg: DemoConfig, prompt: str) -> str:
+    """What the policy reads: the bare prompt, or the single-turn chat wrapping of SAWYER's SFT data."""
+    return f"{HUMAN} {prompt}\n{BOT}" if cfg.chat_format == "sawyer" else prompt
+
+
+def judged(response: str) -> str:
+    """A response as the hidden judge reads it: the chat format's ###STOP### is its end-of-review mark."""
+    return response.replace(STOP, " " + sr.EOS).replace("  ", " ").strip() if STOP in response else response
+
+
+def compute_dtype() -> Optional[torch.dtype]:
+    """bf16 (the book's QLoRA compute dtype) where the CPU has bf16 instructions (AVX512-BF16 / AMX), else
+    None (= the input's dtype, fp32): emulated bf16 matmuls are slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else None
+
+
+def save_lm(lm, tok: Tokenizer, d: Path) -> None:
+    """A loadable checkpoint: with adapters, peft's adapter files in d/adapter and the merged model in d."""
+    from minillm.lora import lora_layers
+    if lora_layers(lm):
+        save_adapter(lm, d / "adapter")
+        lm = merge_and_unload(copy.deepcopy(lm))
+    lm.save_pretrained(str(d))
+    tok.save_pretrained(d)
+
+
 def sft_examples(tok: Tokenizer, pairs: list[tuple[str, str]]) -> list[dict]:
     """[prompt response EOS] ids with labels −100 on the prompt: completion-only SFT examples for the loop."""
     out = []
     for p, r in pairs:
-        pi, ri = tok.encode(p), tok.encode(r) + [tok.eos_token_id]
+        pi, ri = tok.encode(p), tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]  # as the policy reads it
         out.append({"input_ids": pi + ri, "labels": [IGNORE_INDEX] * len(pi) + ri})
     return out
 
 
-def train_sft(model: GPT2LMHeadModel, tok: Tokenizer, corpus: list, cfg: DemoConfig, log: RunLog) -> None:
+def train_sft(model, tok: Tokenizer, corpus: list, cfg: DemoConfig, log: RunLog) -> None:
     """Completion-only causal-LM loss (the response and its EOS) with the one training loop: AdamW, warmup then
     linear decay, gradient clipping."""
     train(model, sft_examples(tok, corpus), CausalLMCollator(tok.pad_token_id), causal_lm_loss,
@@ -190,7 +294,7 @@ def label_pairs(prompts: list[str], responses_per_prompt: list[list[str]], rng: 
                 noise: float, use_margin: bool) -> list[dict]:
     pairs = []
     for p, resps in zip(prompts, responses_per_prompt):
-        scores = [sr.labeler_score(p, r, rng, noise) for r in resps]
+        scores = [sr.labeler_score(p, judged(r), rng, noise) for r in resps]
         for chosen, rejected, margin in rankings_to_pairs(resps, scores):
             pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected,
                           "margin": float(margin) if use_margin else 0.0})
@@ -233,7 +337,7 @@ def evaluate(model, ref, tok: Tokenizer, scorer: RewardScorer, prompts: list[tup
     texts = [p for p, _ in prompts for _ in range(n)]
     resps = sample_responses(model, tok, texts, max_new_tokens, generator)
     proxy = scorer(texts, resps).tolist()
-    true = [sr.true_score(p, r) for p, r in zip(texts, resps)]
+    true = [sr.true_score(p, judged(r)) for p, r in zip(texts, resps)]
     kl = sequence_kl(model, ref, tok, texts, resps)
 
     def per_prompt(xs):
@@ -244,7 +348,7 @@ def evaluate(model, ref, tok: Tokenizer, scorer: RewardScorer, prompts: list[tup
         return {"mean": statistics.mean(pp), "std": statistics.pstdev(pp),
                 "sem": statistics.pstdev(pp) / math.sqrt(len(pp))}
 
-    clean = [r.replace(sr.EOS, "").strip() for r in resps]
+    clean = [judged(r).replace(sr.EOS, "").strip() for r in resps]
     return {"proxy": summary(proxy), "true": summary(true), "kl": summary(kl),
             "distinct2": sr.distinct_n(clean, 2), "unique_frac": len(set(clean)) / len(clean),
             "length": statistics.mean(len(r.split()) for r in clean), "n_prompts": len(prompts),
@@ -281,14 +385,28 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     # (a) SFT
     train_prompts, heldout = sr.split_prompts(cfg.seed, cfg.n_heldout)
     corpus = sr.sft_corpus(cfg.sft_examples, cfg.seed, train_prompts)
-    tok = build_tokenizer([p + " " + r for p, r in corpus] + [p for p, _ in sr.all_prompts()])
-    policy_lm = build_policy(cfg, tok)
+    tok_texts = [p + " " + r for p, r in corpus] + [p for p, _ in sr.all_prompts()]
+    # the chat format wraps every prompt the policy reads (SFT, labeling, PPO, evaluation) in ###HUMAN### ... ###BOT###
+    train_prompts = [(chat_prompt(cfg, p), it) for p, it in train_prompts]
+    heldout = [(chat_prompt(cfg, p), it) for p, it in heldout]
+    corpus = [(chat_prompt(cfg, p), r) for p, r in corpus]
+    policy_lm, tok = build_policy_and_tokenizer(cfg, tok_texts)
     n_params = sum(p.numel() for p in policy_lm.parameters())
-    log("sft", f"GPT-2 {cfg.n_layer}x{cfg.n_embd}, {n_params / 1e3:.0f}K params, vocab {len(tok)}, "
-               f"{len(corpus)} reviews")
+    name = {"gpt2": "GPT-2", "llama": "Llama"}.get(cfg.policy, cfg.policy)
+    qlora = ""
+    if cfg.adapters.lora_r:  # (Q)LoRA; the embedding and an untied head train too (new chat-token rows)
+        dtype = compute_dtype() if cfg.adapters.quantize else None
+        rows = [policy_lm.get_input_embeddings().weight]
+        if policy_lm.lm_head.weight is not rows[0]:
+            rows.append(policy_lm.lm_head.weight)
+        prepare_adapters(policy_lm, cfg.adapters, compute_dtype=dtype, also_train=rows)
+        qlora = (f"; {'QLoRA (NF4, ' + ('bf16' if dtype else 'fp32') + ' compute)' if cfg.adapters.quantize else 'LoRA'}"
+                 f" r={cfg.adapters.lora_r} alpha={cfg.adapters.lora_alpha:g} dropout={cfg.adapters.lora_dropout:g}, "
+                 f"{trainable_report(policy_lm)}")
+    log("sft", f"{name} {cfg.n_layer}x{cfg.n_embd}, {n_params / 1e3:.0f}K params, vocab {len(tok)}, "
+               f"{len(corpus)} reviews{qlora}", compute_dtype=str(compute_dtype()) if qlora and cfg.adapters.quantize else None)
     train_sft(policy_lm, tok, corpus, cfg, log)
-    tok.save_pretrained(out / "sft")
-    policy_lm.save_pretrained(str(out / "sft"))
+    save_lm(policy_lm, tok, out / "sft")
     sft_lm = copy.deepcopy(policy_lm).eval().requires_grad_(False)  # the frozen reference
 
     # (b) labelers -> pairs -> reward model
@@ -343,15 +461,14 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
                    f"beta {st['kl_coef']:.3f}  ent {st['entropy']:.2f}  clip {st['clipfrac']:.3f}  "
                    f"len {st['response_length']:.1f}", step=step + 1, **st)
     policy_lm.eval()
-    policy_lm.save_pretrained(str(out / "policy"))
-    tok.save_pretrained(out / "policy")
+    save_lm(policy_lm, tok, out / "policy")
     after = evaluate(policy_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.ppo.max_new_tokens)
     log("eval", f"PPO policy: proxy {after['proxy']['mean']:+.3f}  true {after['true']['mean']:.3f}  "
                 f"KL {after['kl']['mean']:.3f}  distinct-2 {after['distinct2']:.3f}")
 
     summary = {
-        "config": asdict(cfg), "reward_model": rm_stats, "reward_model_backbone": {"bert": "BERT from a config ([CLS] pooled) + scalar head",
-                                  "gpt2": "GPT-2 (SFT body, last token) + scalar head"}[cfg.rm_backbone],
+        "config": asdict(cfg), "policy": f"{name} {cfg.n_layer}x{cfg.n_embd}{qlora}", "reward_model": rm_stats,
+        "reward_model_backbone": RM_BACKBONES.get(cfg.rm_backbone, f"{cfg.rm_backbone} (hub checkpoint) + scalar head"),
         "sft": {k: v for k, v in before.items() if not k.startswith("_")},
         "ppo": {k: v for k, v in after.items() if not k.startswith("_")},
         "kl_target": cfg.ppo.target_kl, "final_kl_coef": trainer.kl_ctl.value,

@@ -43,6 +43,7 @@ def write_report(out: Path, s: dict) -> None:
              "SFT → labelers → reward model (margin loss) → PPO with a KL penalty, on synthetic reviews. "
              "The true score is the hidden judge the labelers approximate; the proxy reward is the reward model's "
              "(normalized) score.", "", "## Summary", "", "```", summary_table(s), "```", "",
+             *([f"Policy: {s['policy']}.", ""] if "policy" in s else []),
              "## Reward model", "",
              f"- backbone: {s['reward_model_backbone']}; {s['reward_model']['n_train_pairs']} training pairs",
              f"- held-out pairwise accuracy: **{s['reward_model']['heldout_acc']:.3f}** "

@@ -147,6 +147,7 @@ class PPOConfig:
     lr: float = 1.41e-5               # the book's PPO learning rate (and trl's default)
     batch_size: int = 64              # rollouts per PPO step
     mini_batch_size: int = 16
+    gradient_accumulation_steps: int = 1  # minibatches per optimizer step (trl's; the book's SAWYER uses 4)
     ppo_epochs: int = 4
     gamma: float = 1.0
     lam: float = 0.95
@@ -170,6 +171,10 @@ class PPOConfig:
     def __post_init__(self):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}")
+        ga = self.gradient_accumulation_steps
+        if not (isinstance(ga, int) and ga >= 1 and (self.batch_size // self.mini_batch_size) % ga == 0):
+            raise ValueError(f"gradient_accumulation_steps {ga} must be an integer >= 1 dividing the "
+                             f"{self.batch_size // self.mini_batch_size} minibatches of a batch")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling rollouts, got {self.temperature}")
 
@@ -334,11 +339,11 @@ class PPOTrainer:
         # Dropout stays off (eval mode) in every PPO forward pass, as trl disables it: otherwise the ratio
         # π_θ/π_old would differ from 1 by dropout noise alone, before any update.
         self.policy.eval()
-        B, mb = ro.sequences.shape[0], cfg.mini_batch_size
+        B, mb, ga = ro.sequences.shape[0], cfg.mini_batch_size, cfg.gradient_accumulation_steps
         agg: dict[str, list[float]] = {}
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=self.generator) if self.generator is not None else torch.randperm(B)
-            for s in range(0, B, mb):
+            for i, s in enumerate(range(0, B, mb)):
                 idx = perm[s:s + mb].to(ro.sequences.device)
                 logits, vpred = self.policy(**self.rollout_inputs(ro, idx))
                 rlogits = self._response_logits(logits, ro.prompt_len)
@@ -349,11 +354,13 @@ class PPOTrainer:
                 vf, vstats = value_loss(vpred, ro.values[idx], returns[idx], m, cfg.cliprange_value)
                 ent = masked_mean(entropy(rlogits), m)
                 loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                self.opt.step()
+                if i % ga == 0:
+                    self.opt.zero_grad(set_to_none=True)
+                (loss / ga).backward()  # ga minibatches of mb: one step on their mean loss
+                if (i + 1) % ga == 0:
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                    self.opt.step()
                 for k, v in {**pstats, **vstats, "policy_loss": pg.item(), "value_loss": vf.item()}.items():
                     agg.setdefault(k, []).append(v)
         self.policy.eval()

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from minillm.data.classification import ClassificationCollator, encode_classification, label_set
 from minillm.data.readers import read_records
 from minillm.data.seq2seq import Seq2SeqCollator, encode_seq2seq
-from minillm.data.sft import CausalLMCollator, add_chat_tokens, encode_sft, prompt_and_completion
+from minillm.data.sft import (CHAT_FORMATS, CausalLMCollator, add_chat_tokens, chat_format_for, encode_sft,
+                              prompt_and_completion)
 from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter
 from minillm.models.auto import KINDS, load_model, model_class, model_type
 from minillm.prompt_tuning import PromptTuningConfig, apply_prompt_tuning, prompt_tuning_loss, save_prompt_tuning
@@ -59,16 +60,21 @@ def _write_summary(out: Path, summary: dict) -> None:
 
 def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters: AdapterConfig = AdapterConfig(),
             eval_data: Optional[str] = None, completion_only: bool = False, max_length: Optional[int] = None,
-            gradient_checkpointing: bool = False, prompt_tuning: PromptTuningConfig = PromptTuningConfig()) -> dict:
+            gradient_checkpointing: bool = False, prompt_tuning: PromptTuningConfig = PromptTuningConfig(),
+            chat_format: Optional[str] = None) -> dict:
     """Supervised fine-tuning of a causal LM or (T5) an encoder-decoder; returns the summary written to
     <out>/train_summary.json. With prompt_tuning.num_virtual_tokens > 0 the base stays frozen and only the soft
-    prompt trains (prompt_tuning.py); <out> then holds peft's PROMPT_TUNING files, not a model."""
+    prompt trains (prompt_tuning.py); <out> then holds peft's PROMPT_TUNING files, not a model. chat_format
+    ("sawyer" | "llama3"; None: "llama3" when the tokenizer has Llama-3's chat tokens, else "sawyer") decides how
+    {messages} records are written; "sawyer" adds the book's three tokens (embedding resized, rows trained)."""
     n_virtual = prompt_tuning.num_virtual_tokens
     if n_virtual and (adapters.lora_r or adapters.quantize or gradient_checkpointing):
         raise ValueError("prompt tuning trains the soft prompt alone: drop --lora-r / --quantize / "
                          "--gradient-checkpointing")
     rank, _ = setup_distributed()
     # Everything that can fail on bad data happens here, before any training.
+    if chat_format not in (None,) + CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
     records = read_records(data)
     eval_records = read_records(eval_data) if eval_data else []
     torch.manual_seed(train_config.seed)  # new LoRA matrices and resized embedding rows are seeded too
@@ -84,7 +90,8 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
     else:
         lm = load_model(model, "causal-lm")
         tok = load_tokenizer(model)
-        chat = any("messages" in r for r in records + eval_records)
+        chat_format = chat_format or chat_format_for(tok)
+        chat = any("messages" in r for r in records + eval_records) and chat_format == "sawyer"
         if chat and n_virtual:
             raise ValueError("chat records add tokens whose embeddings must train; prompt tuning freezes them "
                              "(use LoRA or full fine-tuning)")
@@ -94,8 +101,8 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
         max_length = max_length or n_pos or tok.model_max_length
         if n_virtual and n_pos:
             max_length = min(max_length, n_pos - n_virtual)  # the virtual tokens take positions too
-        train_set = encode_sft(records, tok, max_length, completion_only)
-        eval_set = encode_sft(eval_records, tok, max_length, completion_only) if eval_records else None
+        train_set = encode_sft(records, tok, max_length, completion_only, chat_format)
+        eval_set = encode_sft(eval_records, tok, max_length, completion_only, chat_format) if eval_records else None
         new_rows = []  # with chat tokens, the embedding (and an untied head) must learn their rows: modules_to_save
         if chat:
             new_rows = [lm.get_input_embeddings().weight]
