@@ -39,9 +39,15 @@ def test_equals_torch_sdpa(shape, dtype, seed, mask_kind):
     if causal:  # torch aligns is_causal top-left; ours aligns the last query with the last key (KV-cache style)
         mask, causal = causal_mask(T, S), False
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    assert (ours.double() - ref.double()).abs().max() <= TOL[dtype]
     fast = scaled_dot_product_attention(q, k, v, attn_mask=mask, use_sdpa=True)
-    assert (ours.double() - fast.double()).abs().max() <= TOL[dtype]
+    # Against the exact answer for these (rounded) inputs, computed in float64: ours must be as accurate as torch's
+    # kernel. Two low-precision results may each sit TOL away from the truth on opposite sides, so comparing them
+    # with each other at TOL (as this test once did) fails now and then in bf16 (0.031 > 0.03 was seen).
+    d_mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=d_mask)
+    err_ref = float((ref.double() - exact).abs().max())
+    for got in (ours, fast):
+        assert float((got.double() - exact).abs().max()) <= max(TOL[dtype], 2 * err_ref)
 
 
 @settings(max_examples=40, deadline=None)

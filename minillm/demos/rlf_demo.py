@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from minillm import hub
 from minillm.data.seq2seq import Seq2SeqCollator, encode_seq2seq
 from minillm.demos import synthetic_summaries as ss
+from minillm.demos.rlhf_report import finish
 from minillm.generation import generate
 from minillm.losses import next_token_logprobs
 from minillm.models.auto import load_model
@@ -47,6 +48,7 @@ from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, respons
 from minillm.text_metrics import rouge
 from minillm.tokenizer import Tokenizer
 from minillm.train.loop import TrainConfig, seq2seq_loss, train
+from minillm.train.device import cpu_threads
 from minillm.train.runlog import RunLog, format_eta
 
 
@@ -239,13 +241,8 @@ def evaluate(model, ref, tok, reward: ClassifierReward, names: list[str], items:
 
 def run_rlf_demo(cfg: RLFDemoConfig, quiet: bool = False) -> dict:
     """Run (a)–(c) and the evaluation; returns the summary (also cfg.out/summary.json)."""
-    n_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with cpu_threads(cfg.threads):
         return _run(cfg, quiet)
-    finally:
-        torch.set_num_threads(n_threads)
 
 
 def load_items(cfg: RLFDemoConfig) -> tuple[list[dict], list[dict]]:
@@ -355,14 +352,8 @@ def _run(cfg: RLFDemoConfig, quiet: bool) -> dict:
                "wins": sum(a > b for a, b in zip(after["_per_item"], before["_per_item"])),
                "elapsed_s": round(time.time() - t_start, 1)}
     summary["checks"] = checks(summary, cfg)
-    hub.save_json(summary, out / "summary.json")
-    log("done", f"{summary['elapsed_s']:.0f}s", summary={k: v for k, v in summary.items() if k != "config"})
-    log.close()
-    write_report(out, summary)
-    plot_curves(out)
-    if not quiet:
-        print(summary_table(summary))
-    return summary
+    return finish(out, summary, log, write_report, summary_table, quiet,
+                  titles=("reward (classifier logits)", "KL to SFT", "β"))
 
 
 def checks(s: dict, cfg: RLFDemoConfig) -> dict:
@@ -421,25 +412,3 @@ def write_report(out: Path, s: dict) -> None:
         lines += [f"| {d['text']} | {d['reference']} | {d['summary']} | {d['reward']:+.2f} |" for d in s[key]["samples"]]
     lines += ["", "## Checks", ""] + [f"- {k}: {'OK' if v else 'MISSED'}" for k, v in s["checks"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def plot_curves(out: Path) -> Optional[Path]:
-    """curves.png (reward, KL and β per PPO step) when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    ppo = [json.loads(line) for line in open(out / "metrics.jsonl") if '"phase": "ppo"' in line]
-    if not ppo:
-        return None
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    for a, key, title in zip(ax, ("score", "kl", "kl_coef"), ("reward (classifier logits)", "KL to SFT", "β")):
-        a.plot([r["step"] for r in ppo], [r[key] for r in ppo])
-        a.set_title(title)
-        a.set_xlabel("PPO step")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-    return out / "curves.png"

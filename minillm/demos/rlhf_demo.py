@@ -45,7 +45,7 @@ import torch
 
 from minillm import hub
 from minillm.demos import synthetic_reviews as sr
-from minillm.demos.rlhf_report import plot_curves, summary_table, write_report
+from minillm.demos.rlhf_report import finish, summary_table, write_report
 from minillm.generation import generate
 from minillm.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from minillm.data.sft import BOT, CHAT_TOKENS, HUMAN, STOP, CausalLMCollator, add_chat_tokens
@@ -55,6 +55,7 @@ from minillm.rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, respons
 from minillm.rlhf.reward import RewardModel, RewardScorer, rankings_to_pairs, train_reward_model
 from minillm.tokenizer import Tokenizer
 from minillm.train.loop import TrainConfig, causal_lm_loss, train
+from minillm.train.device import cpu_threads
 from minillm.train.runlog import RunLog
 
 
@@ -364,13 +365,8 @@ def evaluate(model, ref, tok: Tokenizer, scorer: RewardScorer, prompts: list[tup
 
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict:
     """Run (a)–(c) and the evaluation; returns the summary (also in runs/<name>/summary.json)."""
-    n_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with cpu_threads(cfg.threads):
         return _run(cfg, quiet)
-    finally:
-        torch.set_num_threads(n_threads)
 
 
 def _run(cfg: DemoConfig, quiet: bool) -> dict:
@@ -477,14 +473,7 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
         "elapsed_s": round(time.time() - t_start, 1),
     }
     summary["checks"] = checks(summary, cfg)
-    hub.save_json(summary, out / "summary.json")
-    log("done", f"{summary['elapsed_s']:.0f}s", summary={k: v for k, v in summary.items() if k != "config"})
-    log.close()
-    write_report(out, summary)
-    plot_curves(out)
-    if not quiet:
-        print(summary_table(summary))
-    return summary
+    return finish(out, summary, log, write_report, summary_table, quiet)
 
 
 def checks(s: dict, cfg: DemoConfig) -> dict:

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from minillm import hub
+
 
 def summary_table(s: dict) -> str:
     b, a = s["sft"], s["ppo"]
@@ -63,24 +65,36 @@ def write_report(out: Path, s: dict) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_curves(out: Path) -> Optional[Path]:
-    """curves.png (proxy score, KL and β per PPO step) when matplotlib is installed (`pip install minillm[plots]`)."""
+def plot_curves(out: Path, titles: tuple[str, str, str] = ("proxy reward", "KL to reference", "β")) -> Optional[Path]:
+    """curves.png (score, KL and β per PPO step, from metrics.jsonl's "ppo" records) when matplotlib is installed
+    (`pip install minillm[plots]`)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ppo = [json.loads(l) for l in open(out / "metrics.jsonl") if '"phase": "ppo"' in l]
+    ppo = [json.loads(line) for line in open(out / "metrics.jsonl") if '"phase": "ppo"' in line]
     if not ppo:
         return None
-    steps = [r["step"] for r in ppo]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    for a, key, title in zip(ax, ("score", "kl", "kl_coef"), ("proxy reward", "KL to reference", "β")):
-        a.plot(steps, [r[key] for r in ppo])
+    for a, key, title in zip(ax, ("score", "kl", "kl_coef"), titles):
+        a.plot([r["step"] for r in ppo], [r[key] for r in ppo])
         a.set_title(title)
         a.set_xlabel("PPO step")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
     return out / "curves.png"
+
+
+def finish(out: Path, summary: dict, log, write_report, summary_table, quiet: bool = False, **plot) -> dict:
+    """The end of a demo run: summary.json, the last log record, report.md, curves.png, the printed table."""
+    hub.save_json(summary, out / "summary.json")
+    log("done", f"{summary['elapsed_s']:.0f}s", summary={k: v for k, v in summary.items() if k != "config"})
+    log.close()
+    write_report(out, summary)
+    plot_curves(out, **plot)
+    if not quiet:
+        print(summary_table(summary))
+    return summary

@@ -199,7 +199,7 @@ def run_vqa_demo(cfg: VQADemoConfig = VQADemoConfig(), out_dir: Optional[str] = 
     """Train one model per fusion and evaluate on the held-out scenes.
     -> {'baseline': {type: acc}, '<fusion>': {'accuracy': {type: acc}, 'losses': [...], 'seconds': s,
         'examples': [(question, answer, prediction, probability), ...]}}."""
-    from minillm.train.device import pick_device
+    from minillm.train.device import cpu_threads, pick_device
 
     device = pick_device(cfg.device)
     if plot:
@@ -208,13 +208,8 @@ def run_vqa_demo(cfg: VQADemoConfig = VQADemoConfig(), out_dir: Optional[str] = 
         except ImportError:
             log("(no figures: matplotlib is not installed; pip install 'minillm[plots]')")
             plot = False
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with cpu_threads(cfg.threads):
         return _run(cfg, device, out_dir, plot, log, build_encoders)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg, device, out_dir, plot, log, build_encoders, report: bool = True) -> dict:
