@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from minillm.cli_args import (DATA_FORMATS, add_adapter_args, add_config_args, add_function_args, add_prompt_tuning_args,
-                             add_train_args, config_from_args, function_kwargs, given_fields, report_error)
+                             add_train_args, base_parser, config_from_args, function_kwargs, given_fields, report_error)
 
 
 # ---- commands ----
@@ -325,9 +325,7 @@ def add_peft_compare(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out.")
-    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap, sub = base_parser()
     for add in (add_generate, add_rlhf_demo, add_rlf_demo, add_train_reward, add_ppo, add_attention, add_sft,
                 add_classify, add_evaluate, add_vqa_demo, add_distill, add_memory, add_dedup, add_peft_compare):
         add(sub)
@@ -335,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run a command. Errors become one or two lines on stderr, no traceback (--debug or MINILLM_DEBUG=1 shows
-    it): exit 2 for bad input (data, checkpoint, arguments), 1 for failures while running, 130 on Ctrl-C."""
-    args = build_parser().parse_args(argv)
+    """Run a command; an error is one or two lines on stderr (cli_args.report_error; --debug: the traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `minillm`: the command list
+        return parser.print_help() or 0
     try:
         return args.func(args) or 0
     except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 — every error is reported the same way

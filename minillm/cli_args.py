@@ -109,6 +109,17 @@ def add_prompt_tuning_args(p: argparse.ArgumentParser) -> None:
                           "init_text": "text whose token embeddings start the prompt (default: the first prompt)"})
 
 
+def base_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """`minillm` itself: --version, --debug, and the subcommands' home."""
+    from minillm import __version__
+    ap = argparse.ArgumentParser(prog="minillm", description="minillm: LLM fine-tuning machinery, written out. "
+                                 "'The book' in the help texts is S. Ozdemir, Quick Start Guide to Large Language "
+                                 "Models (2nd ed.); see README.md, Sources.")
+    ap.add_argument("--version", action="version", version=f"minillm {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return ap, ap.add_subparsers(dest="command", metavar="COMMAND")
+
+
 def report_error(command: str, e: BaseException) -> int:
     """One or two lines on stderr naming what went wrong; the exit code: 2 bad input, 1 runtime failure, 130 Ctrl-C."""
     if isinstance(e, KeyboardInterrupt):

@@ -31,8 +31,10 @@ def test_tiny_run_writes_report_and_metrics(tiny_run):
     assert all(PPO_KEYS <= set(r) for r in ppo)
     report = (d / "report.md").read_text()
     for field in ("held-out pairwise accuracy", "proxy reward", "true score", "KL to reference",
-                  "Samples before", "Samples after", "| step | score (proxy) | KL |"):
+                  "Samples before", "Samples after", "| step | score (proxy) | held-out proxy | held-out true | KL |"):
         assert field in report, field
+    # the true score per PPO step (held-out probe), the curve the reward-hacking story needs, is logged
+    assert all(1.0 <= r["true_heldout"] <= 10.0 and "proxy_heldout" in r for r in ppo)
     assert json.loads((d / "summary.json").read_text())["ppo"]["n_prompts"] == 64
 
 

@@ -353,7 +353,7 @@ def _run(cfg: RLFDemoConfig, quiet: bool) -> dict:
                "elapsed_s": round(time.time() - t_start, 1)}
     summary["checks"] = checks(summary, cfg)
     return finish(out, summary, log, write_report, summary_table, quiet,
-                  titles=("reward (classifier logits)", "KL to SFT", "β"))
+                  panels=(("score", "reward (classifier logits)"), ("kl", "KL to SFT (nats/summary)"), ("kl_coef", "β")))
 
 
 def checks(s: dict, cfg: RLFDemoConfig) -> dict:

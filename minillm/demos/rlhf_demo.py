@@ -56,7 +56,7 @@ from minillm.rlhf.reward import RewardModel, RewardScorer, rankings_to_pairs, tr
 from minillm.tokenizer import Tokenizer
 from minillm.train.loop import TrainConfig, causal_lm_loss, train
 from minillm.train.device import cpu_threads
-from minillm.train.runlog import RunLog
+from minillm.train.runlog import RunLog, format_eta
 
 
 def _sft_settings() -> TrainConfig:
@@ -107,6 +107,7 @@ class DemoConfig:
     ppo: PPOConfig = field(default_factory=_ppo_settings)     # (c) PPO (max_new_tokens: the response length)
     ppo_steps: int = 40
     n_heldout: int = 64               # evaluation
+    probe_prompts: int = 32           # held-out prompts sampled after every PPO step (proxy and true score curves)
     eval_samples: int = 4
     threads: Optional[int] = 1     # 1 is fastest on a shared 2-core machine (2 threads oversubscribe badly)
 
@@ -332,6 +333,16 @@ def sequence_kl(model, ref, tok: Tokenizer, prompts: list[str], responses: list[
     return ((lp - lr) * resp["attention_mask"]).sum(-1).tolist()
 
 
+@torch.no_grad()
+def probe(model, tok: Tokenizer, scorer: RewardScorer, prompts: list[str], generator: torch.Generator,
+          max_new_tokens: int) -> dict:
+    """One sampled response per held-out prompt, scored by the reward model (proxy) and the hidden judge (true):
+    the two curves whose parting is reward hacking."""
+    resps = sample_responses(model, tok, prompts, max_new_tokens, generator)
+    true = [sr.true_score(p, judged(r)) for p, r in zip(prompts, resps)]
+    return {"proxy_heldout": scorer(prompts, resps).mean().item(), "true_heldout": statistics.mean(true)}
+
+
 def evaluate(model, ref, tok: Tokenizer, scorer: RewardScorer, prompts: list[tuple[str, str]], n: int,
              generator: torch.Generator, max_new_tokens: int) -> dict:
     """n samples per held-out prompt; per-prompt means, then mean and spread over prompts."""
@@ -448,14 +459,19 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
     policy = PolicyWithValueHead(policy_lm)
     pcfg = replace(cfg.ppo, adaptive_kl=cfg.ppo.adaptive_kl and cfg.ppo.init_kl_coef > 0)
     trainer = PPOTrainer(policy, tok, scorer, pcfg, ref_model=sft_lm, generator=gen)
+    t_ppo = time.time()
     prng = random.Random(cfg.seed + 4)
+    probe_gen = torch.Generator().manual_seed(cfg.seed + 7)  # its own stream: probing leaves the PPO run unchanged
     for step in range(cfg.ppo_steps):
         batch = [tp[prng.randrange(len(tp))] for _ in range(cfg.ppo.batch_size)]
         enc = tok(batch, padding_side="left")
         st = trainer.step(enc["input_ids"], enc["attention_mask"])
-        log("ppo", f"step {step + 1}/{cfg.ppo_steps}  score {st['score']:+.3f}  kl {st['kl']:.3f}  "
-                   f"beta {st['kl_coef']:.3f}  ent {st['entropy']:.2f}  clip {st['clipfrac']:.3f}  "
-                   f"len {st['response_length']:.1f}", step=step + 1, **st)
+        st.update(probe(policy_lm, tok, scorer, hp[:cfg.probe_prompts], probe_gen, cfg.ppo.max_new_tokens))
+        log("ppo", f"step {step + 1}/{cfg.ppo_steps}  score {st['score']:+.3f}  held-out: proxy "
+                   f"{st['proxy_heldout']:+.3f} true {st['true_heldout']:.2f}  kl {st['kl']:.3f}  beta "
+                   f"{st['kl_coef']:.3f}  clip {st['clipfrac']:.3f}  len {st['response_length']:.1f}  "
+                   f"ETA {format_eta((time.time() - t_ppo) / (step + 1) * (cfg.ppo_steps - step - 1))}",
+            step=step + 1, **st)
     policy_lm.eval()
     save_lm(policy_lm, tok, out / "policy")
     after = evaluate(policy_lm, sft_lm, tok, scorer, heldout, cfg.eval_samples, gen, cfg.ppo.max_new_tokens)
@@ -473,7 +489,9 @@ def _run(cfg: DemoConfig, quiet: bool) -> dict:
         "elapsed_s": round(time.time() - t_start, 1),
     }
     summary["checks"] = checks(summary, cfg)
-    return finish(out, summary, log, write_report, summary_table, quiet)
+    return finish(out, summary, log, write_report, summary_table, quiet,
+                  panels=(("proxy_heldout", "proxy reward (held-out)"), ("true_heldout", "true score 1-10 (held-out)"),
+                          ("kl", "KL to reference (nats/response)"), ("kl_coef", "β")))
 
 
 def checks(s: dict, cfg: DemoConfig) -> dict:

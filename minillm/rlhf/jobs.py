@@ -62,7 +62,7 @@ def train_reward_job(model: str, data: str, out: str, epochs: int = 1, batch_siz
             **r)
     rec = train_reward_model(rm, tok, train_pairs, eval_pairs or None, epochs=epochs, batch_size=batch_size, lr=lr,
                              center_coef=center_coef, use_margin=use_margin, seed=seed, log=show,
-                             max_length=max_length)
+                             max_length=max_length, progress=log)
     if adapters.lora_r:
         save_adapter(backbone, Path(out) / "adapter")
         merge_and_unload(backbone)

@@ -233,8 +233,9 @@ def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval
                        epochs: int = 1, batch_size: int = 32, lr: float = 1e-5, center_coef: float = 0.0,
                        use_margin: bool = True, seed: int = 0, grad_clip: float = 1.0,
                        log: Optional[Callable[[dict], None]] = None, max_length: Optional[int] = None,
-                       device: Optional[str] = None, out_dir: Optional[str] = None) -> dict:
-    """Train with minillm's training loop (train/loop.py: AdamW, linear decay, no weight decay here, gradient
+                       device: Optional[str] = None, out_dir: Optional[str] = None, progress=None) -> dict:
+    """`progress`: a RunLog that gets the loop's step lines (with ETA); None trains quietly.
+    Train with minillm's training loop (train/loop.py: AdamW, linear decay, no weight decay here, gradient
     clipping) on the pairwise margin loss. Pairs: {"prompt", "chosen", "rejected", "margin"}.
     After each epoch logs {epoch, loss, train_acc (first 1000 training pairs), eval_acc}; returns the last."""
     from minillm.train.loop import TrainConfig, train
@@ -270,7 +271,9 @@ def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval
         return {k: v for k, v in rec.items() if isinstance(v, float)}
 
     cfg = TrainConfig(lr=lr, weight_decay=0.0, epochs=epochs, batch_size=batch_size, max_grad_norm=grad_clip or None,
-                      eval_every=steps_per_epoch, seed=seed, device=device, quiet=True, out_dir=out_dir)
-    train(rm, train_pairs, RewardPairCollator(tokenizer, max_length), loss_fn, cfg, eval_fn=eval_fn)
+                      eval_every=steps_per_epoch, seed=seed, device=device, quiet=progress is None, out_dir=out_dir,
+                      log_every=max(1, steps_per_epoch * epochs // 20))
+    train(rm, train_pairs, RewardPairCollator(tokenizer, max_length), loss_fn, cfg, eval_fn=eval_fn, log=progress,
+          phase="rm")
     rm.eval()
     return recs[-1]
