@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from minillm import hub
 from minillm.data.seq2seq import Seq2SeqCollator, encode_seq2seq
 from minillm.demos import synthetic_summaries as ss
-from minillm.demos.rlhf_report import finish
+from minillm.demos.rlhf_report import finish, samples_and_checks
 from minillm.generation import generate
 from minillm.losses import next_token_logprobs
 from minillm.models.auto import load_model
@@ -407,8 +407,6 @@ def write_report(out: Path, s: dict) -> None:
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['score']:+.3f} | {r['kl']:.3f} | {r['kl_coef']:.4f} | {r['clipfrac']:.3f} | "
               f"{r['approxkl']:.4f} | {r['value_loss']:.3f} | {r['response_length']:.1f} |" for r in ppo]
-    for title, key in (("Samples before (SFT policy)", "sft"), ("Samples after (PPO policy)", "ppo")):
-        lines += ["", f"## {title}", "", "| document | reference | summary | reward |", "|---|---|---|---|"]
-        lines += [f"| {d['text']} | {d['reference']} | {d['summary']} | {d['reward']:+.2f} |" for d in s[key]["samples"]]
-    lines += ["", "## Checks", ""] + [f"- {k}: {'OK' if v else 'MISSED'}" for k, v in s["checks"].items()]
+    lines += samples_and_checks(s, ("document", "reference", "summary", "reward"),
+                                lambda d: (d["text"], d["reference"], d["summary"], f"{d['reward']:+.2f}"))
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -75,11 +75,19 @@ def write_report(out: Path, s: dict) -> None:
               f"{r.get('true_heldout', float('nan')):.2f} | {r['kl']:.3f} | {r['kl_coef']:.4f} | {r['entropy']:.3f} | "
               f"{r['clipfrac']:.3f} | {r['approxkl']:.4f} | {r['value_loss']:.3f} | {r['adv_mean']:+.3f} | "
               f"{r['adv_std']:.3f} | {r['response_length']:.1f} |" for r in ppo]
-    for title, key in (("Samples before (SFT policy)", "sft"), ("Samples after (PPO policy)", "ppo")):
-        lines += ["", f"## {title}", "", "| prompt | response | proxy | true |", "|---|---|---|---|"]
-        lines += [f"| {d['prompt']} | {d['response']} | {d['proxy']:+.2f} | {d['true']:.1f} |" for d in s[key]["samples"]]
-    lines += ["", "## Checks", ""] + [f"- {k}: {'OK' if v else 'MISSED'}" for k, v in s["checks"].items()]
+    lines += samples_and_checks(s, ("prompt", "response", "proxy", "true"),
+                                lambda d: (d["prompt"], d["response"], f"{d['proxy']:+.2f}", f"{d['true']:.1f}"))
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def samples_and_checks(s: dict, header: tuple[str, ...], cells) -> list[str]:
+    """report.md's closing sections: sample tables before and after PPO (`cells(sample)` -> one row) and the
+    checks."""
+    lines = []
+    for title, key in (("Samples before (SFT policy)", "sft"), ("Samples after (PPO policy)", "ppo")):
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells(d)) + " |" for d in s[key]["samples"]]
+    return lines + ["", "## Checks", ""] + [f"- {k}: {'OK' if v else 'MISSED'}" for k, v in s["checks"].items()]
 
 
 def plot_curves(out: Path, panels=(("score", "reward"), ("kl", "KL to reference (nats/response)"), ("kl_coef", "β"))
