@@ -459,3 +459,19 @@ def load_base_model(cls, config_cls, name_or_path: str, model_type: str, prefix:
     load_state_dict_strict(model, state, source=str(d), ignore_unexpected=ignored)
     model.source_dir = d
     return model.to(device=device, dtype=dtype)
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path, dtype=None, device=None,
+              **strict) -> torch.nn.Module:
+    """The last steps of every from_pretrained: strict copy (load_state_dict_strict's options), remember where the
+    model came from (its tokenizer files are copied on save), move to dtype/device."""
+    load_state_dict_strict(model, state, source=str(directory), **strict)
+    model.source_dir = directory
+    return model.to(device=device, dtype=dtype)
+
+
+def save_model(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """save_pretrained for models whose hub layout is their own state_dict: config.json (architecture = the class
+    name) + model.safetensors + the source's tokenizer files."""
+    return save_checkpoint_dir(directory, model.state_dict(), model.config.to_hub_dict(type(model).__name__),
+                               source=getattr(model, "source_dir", None))

@@ -184,8 +184,7 @@ class BertModel(nn.Module):
 
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub's base layout (no prefix)."""
-        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict(type(self).__name__),
-                                       source=getattr(self, "source_dir", None))
+        return hub.save_model(self, directory)
 
     def max_input_length(self) -> int:
         return self.config.max_position_embeddings
@@ -242,12 +241,8 @@ class BertForSequenceClassification(nn.Module):
         new = [] if "classifier.weight" in state else [r"^classifier\."]  # a base checkpoint: a new head
         if not any(k.endswith("pooler.dense.weight") for k in state):
             new.append(r"^bert\.pooler\.")  # no pooler saved: it starts random too, as in transformers
-        hub.load_state_dict_strict(model, state, source=str(d), prefix="bert.",
-                                   ignore_unexpected=heads + [r"position_ids$"], optional=new)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_into(model, state, d, dtype, device, prefix="bert.",
+                             ignore_unexpected=heads + [r"position_ids$"], optional=new)
 
     def save_pretrained(self, directory: str) -> Path:
-        return hub.save_checkpoint_dir(directory, self.state_dict(),
-                                    self.config.to_hub_dict("BertForSequenceClassification"),
-                                       source=getattr(self, "source_dir", None))
+        return hub.save_model(self, directory)

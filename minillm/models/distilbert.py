@@ -173,8 +173,7 @@ class DistilBertModel(nn.Module):
         return hub.load_base_model(cls, DistilBertConfig, name_or_path, "distilbert", "distilbert.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
-        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("DistilBertModel"),
-                                       source=getattr(self, "source_dir", None))
+        return hub.save_model(self, directory)
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -207,14 +206,9 @@ class DistilBertForSequenceClassification(nn.Module):
         model = cls(cfg)
         state = hub.load_safetensors(d)
         has_head = "classifier.weight" in state
-        hub.load_state_dict_strict(
-            model, state, source=str(d), prefix="distilbert.",
-            ignore_unexpected=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
-            optional=[] if has_head else [r"^(pre_)?classifier\."])
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_into(model, state, d, dtype, device, prefix="distilbert.",
+                             ignore_unexpected=[r"^vocab_(transform|layer_norm|projector)\.", r"position_ids$"],
+                             optional=[] if has_head else [r"^(pre_)?classifier\."])
 
     def save_pretrained(self, directory: str) -> Path:
-        return hub.save_checkpoint_dir(directory, self.state_dict(),
-                                    self.config.to_hub_dict("DistilBertForSequenceClassification"),
-                                       source=getattr(self, "source_dir", None))
+        return hub.save_model(self, directory)

@@ -163,12 +163,7 @@ class RobertaForSequenceClassification(nn.Module):
         state = hub.load_safetensors(d)
         skip = IGNORED + [r"^lm_head\.", r"^(roberta\.)?pooler\."]  # masked-LM head; a pooler the head does not use
         new = [] if "classifier.out_proj.weight" in state else [r"^classifier\."]  # no head saved: a new one
-        hub.load_state_dict_strict(model, state, source=str(d), prefix="roberta.", ignore_unexpected=skip,
-                                   optional=new)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_into(model, state, d, dtype, device, prefix="roberta.", ignore_unexpected=skip, optional=new)
 
     def save_pretrained(self, directory: str) -> Path:
-        return hub.save_checkpoint_dir(directory, self.state_dict(),
-                                    self.config.to_hub_dict("RobertaForSequenceClassification"),
-                                       source=getattr(self, "source_dir", None))
+        return hub.save_model(self, directory)

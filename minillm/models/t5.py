@@ -169,9 +169,7 @@ class T5ForConditionalGeneration(nn.Module):
         cfg = hub.config_from_dict(T5Config, raw, src)
         model = cls(cfg)
         optional = [r"^lm_head\.weight$"] if cfg.tie_word_embeddings else []
-        hub.load_state_dict_strict(model, state, source=str(d), ignore_unexpected=IGNORED, optional=optional)
-        model.source_dir = d
-        return model.to(device=device, dtype=dtype)
+        return hub.load_into(model, state, d, dtype, device, ignore_unexpected=IGNORED, optional=optional)
 
     def save_pretrained(self, directory: str) -> Path:
         """config.json + model.safetensors in the hub layout (a tied head is not written, as transformers does)."""

@@ -221,5 +221,4 @@ class ViTModel(nn.Module):
         return hub.load_base_model(cls, ViTConfig, name_or_path, "vit", "vit.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
-        return hub.save_checkpoint_dir(directory, self.state_dict(), self.config.to_hub_dict("ViTModel"),
-                                       source=getattr(self, "source_dir", None))
+        return hub.save_model(self, directory)
