@@ -311,6 +311,10 @@ def format_report(result: dict, fusions) -> str:
         row += "".join(f"{result[f]['accuracy'].get(qtype, float('nan')):>15.1%}" for f in cols)
         lines.append(row)
     lines.append("  train time" + " " * 10 + "".join(f"{result[f]['seconds']:>14.0f}s" for f in cols))
+    if "mean" in cols:
+        lines.append("  fusion=mean (the book's) hands GPT-2 ONE fused vector: every cross-attention weight is then 1, so the\n"
+                     "  decoder sees a linear map of one pooled vector, which cannot say which object sits where; shape\n"
+                     "  and position stay near the majority baseline. fusion=tokens passes every projected token.")
     return "\n".join(lines)
 
 
@@ -325,7 +329,7 @@ def plot_examples(records: list[dict], predictions: list[str], probabilities: li
     n = len(records)
     cols = min(5, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 3.5 * rows), squeeze=False)  # room for 3-line titles
     for ax in axes.flat:
         ax.axis("off")
     for ax, r, p, q in zip(axes.flat, records, predictions, probabilities):
