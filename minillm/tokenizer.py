@@ -116,10 +116,14 @@ class Tokenizer:
         """Add tokens that are never split (e.g. '###HUMAN###'); returns how many were new.
         `roles` may name one of them as pad_token, eos_token, ... . Resize the model's embeddings after."""
         tokens = list(tokens) + [t for t in roles.values() if t is not None]
-        n = self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
-        for k, v in roles.items():
+        for k in roles:  # everything checked before the vocabulary changes
             if k not in SPECIAL_KEYS:
                 raise ValueError(f"unknown special-token role {k!r}; one of {SPECIAL_KEYS}")
+        for t in tokens:
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"a special token must be a non-empty string, got {t!r}")
+        n = self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        for k, v in roles.items():
             self.special[k] = v
         return n
 
