@@ -184,7 +184,7 @@ def validate_config(cfg, error: type = None, zero_ok: Iterable[str] = (), ranges
                 if not ((v >= lo if inclusive else v > lo) and v <= hi):
                     bad = f"must be in {'[' if inclusive else '('}{lo}, {hi}]"
         elif typ is str:
-            if not isinstance(v, str):
+            if not isinstance(v, (str, os.PathLike)):
                 bad = "must be a string"
         elif typ in (dict, list, tuple):
             if not isinstance(v, (list, tuple) if typ in (list, tuple) else dict):
