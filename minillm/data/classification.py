@@ -54,7 +54,9 @@ def encode_classification(records: Sequence[dict], tokenizer, label_names: Seque
             if name not in index:
                 raise DataError(f"{where}: label {name!r} is not in the label set {list(label_names)}")
             target[index[name]] = 1.0
-        ids = tokenizer.encode(str(r[text_key]))
+        if not isinstance(r[text_key], str):
+            raise DataError(f"{where}: '{text_key}' must be a string, found {type(r[text_key]).__name__}")
+        ids = tokenizer.encode(r[text_key])
         if max_length is not None:
             ids = ids[:max_length]
         if not ids:

@@ -76,13 +76,20 @@ def prompt_and_completion(record: dict, eos: Optional[str] = None) -> tuple[str,
     if "messages" in record:
         return format_chat(record["messages"], where)
     end = eos or ""
+    for fields in (("prompt", "completion"), ("english", "latex"), ("text",)):
+        if all(k in record for k in fields):
+            bad = [k for k in fields if not isinstance(record[k], str)]
+            if bad:  # null, a list or a number would otherwise train as the text "None" / "['a']" / "34"
+                raise DataError(f"{where}: '{bad[0]}' must be a string, found {type(record[bad[0]]).__name__} "
+                                f"({record[bad[0]]!r:.40})")
+            break
     if "prompt" in record and "completion" in record:
-        return str(record["prompt"]), str(record["completion"]) + end
+        return record["prompt"], record["completion"] + end
     if "english" in record and "latex" in record:
         prompt, _ = LATEX_TEMPLATE.split(" {latex}")
         return prompt.format(english=record["english"]), f" {record['latex']}" + end
     if "text" in record:
-        return "", str(record["text"]) + end
+        return "", record["text"] + end
     keys = sorted(k for k in record if k != "_where")
     raise DataError(f"{where}: unknown record layout {keys}; expected prompt+completion, english+latex, "
                     f"messages, or text")
