@@ -201,14 +201,21 @@ _INNER = ("n_inner", "intermediate_size", "d_ff", "hidden_dim")
 
 def min_parameters(cfg) -> int:
     """A lower bound on the parameters a transformer config implies: every layer holds at least one
-    (width x MLP width) matrix, plus the (vocabulary x width) embedding. 0 when the config is not a model's."""
+    (width x MLP width) matrix, plus the (vocabulary x width) embedding and any learned position table.
+    0 when the config is not a model's."""
     width = next((getattr(cfg, k) for k in _WIDTH if _is_int(getattr(cfg, k, None))), None)
     if width is None:
         return 0
     layers = sum(getattr(cfg, k) for k in _DEPTH if _is_int(getattr(cfg, k, None)))
     inner = next((getattr(cfg, k) for k in _INNER if _is_int(getattr(cfg, k, None))), 4 * width)
-    vocab = getattr(cfg, "vocab_size", 0) if _is_int(getattr(cfg, "vocab_size", None)) else 0
-    return layers * width * inner + vocab * width
+    rows = sum(getattr(cfg, k) for k in ("vocab_size", "type_vocab_size") if _is_int(getattr(cfg, k, None)))
+    # learned position tables: GPT-2's n_positions, the BERT family's max_position_embeddings (Llama and T5
+    # have none: rotary / relative positions)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    pos = "n_positions" if "n_positions" in names else "max_position_embeddings" \
+        if names & {"type_vocab_size", "sinusoidal_pos_embds"} else None
+    rows += getattr(cfg, pos) if pos and _is_int(getattr(cfg, pos, None)) else 0
+    return layers * width * inner + rows * width
 
 
 def checkpoint_capacity(directory: str | os.PathLike) -> int:
