@@ -327,11 +327,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.debug or os.environ.get("MINILLM_DEBUG"):
             raise
         lines = str(e).strip().splitlines() or [type(e).__name__]
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in lines[0]:
+            lines[0] += f": {e.filename}"  # disk full, read-only: always the path
         more = f" (+{len(lines) - 2} more lines; --debug shows all)" if len(lines) > 2 else ""
         print(f"minillm {args.command}: {lines[0]}" + (f"\n  {lines[1].strip()}{more}" if len(lines) > 1 else ""),
               file=sys.stderr)
+        # 2: the input is wrong (data, checkpoint, arguments, a missing file); 1: running failed (NaN loss,
+        # disk full, a read-only or locked output directory, no permission to write)
         bad_input = isinstance(e, (ValueError, TypeError, LookupError, FileNotFoundError, IsADirectoryError,
-                                   NotADirectoryError, PermissionError)) and not isinstance(e, FloatingPointError)
+                                   NotADirectoryError)) and not isinstance(e, FloatingPointError)
         return 2 if bad_input else 1
 
 
