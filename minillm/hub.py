@@ -177,8 +177,8 @@ def validate_config(cfg, error: type = None, zero_ok: Iterable[str] = (), ranges
                 bad = "must be a probability in [0, 1)"
             elif ("eps" in low) and v <= 0:
                 bad = "must be > 0"
-            elif low.startswith("initializer") and v < 0:
-                bad = "must be >= 0"
+            elif low.startswith("initializer") and not 0 <= v <= 100:
+                bad = "must be in [0, 100]"  # a standard deviation (factor) for new weights
             elif name in ranges:
                 lo, hi, inclusive = ranges[name]
                 if not ((v >= lo if inclusive else v > lo) and v <= hi):
@@ -215,7 +215,13 @@ def min_parameters(cfg) -> int:
     pos = "n_positions" if "n_positions" in names else "max_position_embeddings" \
         if names & {"type_vocab_size", "sinusoidal_pos_embds"} else None
     rows += getattr(cfg, pos) if pos and _is_int(getattr(cfg, pos, None)) else 0
-    return layers * width * inner + rows * width
+    # attention's query projection (width x heads*head_dim) where the head size is its own field (T5's d_kv, Llama's
+    # head_dim), and T5's relative-position bias table (buckets x heads)
+    heads = next((getattr(cfg, k) for k in ("num_heads", "num_attention_heads") if _is_int(getattr(cfg, k, None))), 0)
+    head_dim = next((getattr(cfg, k) for k in ("d_kv", "head_dim") if _is_int(getattr(cfg, k, None))), 0)
+    buckets = getattr(cfg, "relative_attention_num_buckets", 0) if _is_int(
+        getattr(cfg, "relative_attention_num_buckets", None)) else 0
+    return layers * width * (inner + heads * head_dim) + rows * width + buckets * heads
 
 
 def checkpoint_capacity(directory: str | os.PathLike) -> int:

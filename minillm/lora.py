@@ -125,6 +125,13 @@ def _find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -
     """The (name, module) pairs apply_lora would wrap; raises if none match or a match is not linear."""
     if isinstance(target_modules, (list, tuple, set)) and not target_modules:
         raise ValueError("target_modules is empty")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({e})") from None
+    elif not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"target_modules must be a regex or a list of module names, got {target_modules!r}")
     inside_lora = {n for n, _ in _lora_modules(model)}
     found, not_linear = [], []
     for name, m in model.named_modules():
