@@ -76,8 +76,10 @@ _held: dict[str, int] = {}  # directories this process has locked -> nesting dep
 def directory_lock(directory: str | os.PathLike):
     """Hold `<directory>/.lock` (pid inside, created with O_EXCL) for the block. Re-entrant within a process; a
     lock left by a dead process is taken over; a live one raises LockedError naming the pid and the file.
-    Creating the lock also proves early that the directory is writable (a read-only --out fails here)."""
+    Creating the lock also proves early that the directory is writable (a read-only --out fails here). A
+    directory the lock created and nothing else filled is removed again on release."""
     d = Path(directory)
+    created = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
     key = str(d.resolve())
     if key in _held:
@@ -115,6 +117,9 @@ def directory_lock(directory: str | os.PathLike):
         with contextlib.suppress(OSError):
             if path.read_text().strip() == str(os.getpid()):
                 path.unlink()
+        if created:  # a job that failed before writing anything leaves no empty output folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def checkpoint_order(name: str) -> tuple[int, int]:

@@ -21,9 +21,11 @@ finetune recipes for the shape.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +39,7 @@ from minillm.data.sft import CausalLMCollator, add_chat_tokens, encode_sft
 from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save_adapter
 from minillm.models.auto import KINDS, load_model, model_class, model_type
 from minillm.tokenizer import Tokenizer
+from minillm.train.checkpoint import directory_lock
 from minillm.train.freezing import freeze_below_layer
 from minillm.train.loop import (PRECISIONS, TrainConfig, causal_lm_loss, evaluate, setup_distributed,
                                 seq2seq_loss, teardown_distributed, to_device, train)
@@ -74,12 +77,25 @@ def _write_summary(out: Path, summary: dict) -> None:
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def _out_lock(out: str):
+    """<out>/.lock for the whole job on rank 0 (training, checkpoints and the final save): a second job writing
+    the same --out is refused at once, a read-only --out fails before any work (train() re-enters it)."""
+    return directory_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+
+
 def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters: AdapterConfig = AdapterConfig(),
             eval_data: Optional[str] = None, completion_only: bool = False, max_length: Optional[int] = None,
             gradient_checkpointing: bool = False) -> dict:
     """Supervised fine-tuning of a causal LM or (T5) an encoder-decoder; returns the summary written to
     <out>/train_summary.json."""
     check_max_length(max_length)
+    with _out_lock(out):
+        return _sft_job(model, data, out, train_config, adapters, eval_data, completion_only, max_length,
+                        gradient_checkpointing)
+
+
+def _sft_job(model, data, out, train_config, adapters, eval_data, completion_only, max_length,
+             gradient_checkpointing) -> dict:
     rank, _ = setup_distributed()
     # Everything that can fail on bad data happens here, before any training.
     records = read_records(data)
@@ -161,6 +177,13 @@ def classify_job(model: str, data: str, out: str, train_config: TrainConfig, eva
         bad = [n for n in labels if not isinstance(n, str) or not n.strip()]
         if bad or len(set(labels)) != len(labels) or not labels:
             raise ValueError(f"--labels must be distinct non-empty names separated by commas, got {labels!r}")
+    with _out_lock(out):
+        return _classify_job(model, data, out, train_config, eval_data, labels, text_key, labels_key, freeze_up_to,
+                             threshold, max_length)
+
+
+def _classify_job(model, data, out, train_config, eval_data, labels, text_key, labels_key, freeze_up_to,
+                  threshold, max_length) -> dict:
     rank, _ = setup_distributed()
     records = read_records(data)
     eval_records = read_records(eval_data) if eval_data else []
