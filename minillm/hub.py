@@ -175,7 +175,7 @@ def validate_config(cfg, error: type = None, zero_ok: Iterable[str] = (), ranges
                 bad = "must be a finite number"
             elif ("dropout" in low or "pdrop" in low or low.endswith("_prob")) and not 0 <= v < 1:
                 bad = "must be a probability in [0, 1)"
-            elif ("eps" in low) and v <= 0:
+            elif re.search(r"(^|_)(eps|epsilon)($|_)", low) and v <= 0:
                 bad = "must be > 0"
             elif low.startswith("initializer") and not 0 <= v <= 100:
                 bad = "must be in [0, 100]"  # a standard deviation (factor) for new weights
