@@ -39,6 +39,8 @@ def add_config_args(p: argparse.ArgumentParser, cls, names: list[str], defaults:
         kw = dict(dest=name, default=default, help=help.get(name))
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typ is Any:  # a switch that may carry a value (--resume, or --resume PATH)
+            p.add_argument(flag, nargs="?", const=True, **kw)
         elif typing.get_origin(typ) in (list, tuple) or name == "lora_targets":
             p.add_argument(flag, type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()), **kw,
                            metavar="NAME,NAME")
@@ -126,9 +128,13 @@ def report_error(command: str, e: BaseException) -> int:
         print(f"minillm {command}: interrupted", file=sys.stderr)
         return 130
     lines = str(e).strip().splitlines() or [type(e).__name__]
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in lines[0]:
+        lines[0] += f": {e.filename}"  # disk full, read-only: always the path
     more = f" (+{len(lines) - 2} more lines; --debug shows all)" if len(lines) > 2 else ""
     print(f"minillm {command}: {lines[0]}" + (f"\n  {lines[1].strip()}{more}" if len(lines) > 1 else ""),
           file=sys.stderr)
+    # 2: the input is wrong (data, checkpoint, arguments, a missing file); 1: running failed (NaN loss, disk full,
+    # a read-only or locked output directory, no permission to write)
     bad_input = isinstance(e, (ValueError, TypeError, LookupError, FileNotFoundError, IsADirectoryError,
-                               NotADirectoryError, PermissionError)) and not isinstance(e, FloatingPointError)
+                               NotADirectoryError)) and not isinstance(e, FloatingPointError)
     return 2 if bad_input else 1

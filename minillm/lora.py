@@ -125,6 +125,13 @@ def _find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -
     """The (name, module) pairs apply_lora would wrap; raises if none match or a match is not linear."""
     if isinstance(target_modules, (list, tuple, set)) and not target_modules:
         raise ValueError("target_modules is empty")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({e})") from None
+    elif not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"target_modules must be a regex or a list of module names, got {target_modules!r}")
     inside_lora = {n for n, _ in _lora_modules(model)}
     found, not_linear = [], []
     for name, m in model.named_modules():
@@ -149,10 +156,25 @@ def _find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -
     return found
 
 
+def check_lora_args(r, alpha, dropout, use_rslora, where: str = "LoRA", error: type = ValueError) -> None:
+    """The values a LoRA layer uses, checked by type and range (r a positive int, alpha a finite number > 0,
+    dropout in [0, 1), use_rslora a bool) — before any model is changed."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise error(f"{where}: rank r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise error(f"{where}: lora_alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise error(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise error(f"{where}: use_rslora must be true or false, got {use_rslora!r}")
+
+
 def apply_lora(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 8, alpha: float = 8,
                dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
     """Wrap each matching linear layer of `model` in a LoRALinear, in place, and freeze every
-    parameter except the new lora_A / lora_B (peft's bias="none"). Returns the model."""
+    parameter except the new lora_A / lora_B (peft's bias="none"). Returns the model. Every argument and
+    target is checked before anything changes."""
+    check_lora_args(r, alpha, dropout, use_rslora, "apply_lora")
     targets = _find_targets(model, target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -360,16 +382,29 @@ def read_adapter_config(directory: Union[str, os.PathLike]) -> dict:
     return cfg
 
 
-def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
+def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], allow_nonfinite: bool = False) -> nn.Module:
     """Load a peft-format LoRA adapter into `model`: wraps the target layers (unless already
-    wrapped with the same rank) and copies lora_A / lora_B. Every key and shape is checked
-    before the model is touched; a mismatch (an adapter for another base) names the tensor."""
+    wrapped with the same rank) and copies lora_A / lora_B. Every config value, key, shape and value (NaN/Inf
+    an error naming the tensor unless allow_nonfinite) is checked before the model is touched; a mismatch (an
+    adapter for another base) names the tensor."""
     d = Path(directory)
     cfg = read_adapter_config(d)
+    where = str(d / ADAPTER_CONFIG)
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    dropout, rslora = cfg.get("lora_dropout", 0.0), cfg.get("use_rslora", False)
+    dropout = 0.0 if dropout is None else dropout
+    rslora = False if rslora is None else rslora
+    check_lora_args(r, alpha, dropout, rslora, where, hub.CheckpointError)
+    targets = cfg["target_modules"]
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets))):
+        raise hub.CheckpointError(f"{where}: target_modules must be a regex or a list of module names, got {targets!r}")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise hub.CheckpointError(f"{where}: target_modules is not a valid regex ({e})") from None
     state = hub.read_safetensors_file(d / ADAPTER_WEIGHTS)
     state = {re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", k): v for k, v in state.items()}
-    r, alpha = int(cfg["r"]), cfg["lora_alpha"]
-    dropout, rslora = float(cfg.get("lora_dropout") or 0.0), bool(cfg.get("use_rslora", False))
 
     existing = dict(_lora_modules(model))
     merged = [n for n, m in existing.items() if m.merged]
@@ -378,7 +413,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Mod
     if existing:
         plan = {n: (m.in_features, m.out_features, m.r) for n, m in existing.items()}
     else:
-        plan = {n: (m.in_features, m.out_features, r) for n, m in _find_targets(model, cfg["target_modules"])}
+        plan = {n: (m.in_features, m.out_features, r) for n, m in _find_targets(model, targets)}
     expected = {}
     for n, (fin, fout, rank) in plan.items():
         expected[f"{KEY_PREFIX}{n}.lora_A.weight"] = (rank, fin)
@@ -396,8 +431,10 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Mod
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise hub.CheckpointError(f"adapter {d / ADAPTER_WEIGHTS} does not fit {type(model).__name__} "
                                   f"(an adapter for another base model?):\n  {shown}")
+    if not allow_nonfinite:
+        hub.check_finite(state, str(d / ADAPTER_WEIGHTS))
     if not existing:
-        apply_lora(model, cfg["target_modules"], r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
+        apply_lora(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
     mods = dict(_lora_modules(model))
     with torch.no_grad():
         for n, m in mods.items():

@@ -51,7 +51,12 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        return cls(_HFTokenizer.from_file(str(path)), **kwargs)
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 — the tokenizers library raises a bare Exception on a bad file
+            raise hub.CheckpointError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") \
+                from None
+        return cls(tok, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "Tokenizer":
@@ -61,8 +66,15 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             f = d / name
             if f.is_file():
-                conf.update(json.loads(f.read_text()))
+                conf.update(hub.read_json(f))  # malformed or not an object: a CheckpointError naming the file
         special = {k: _token_str(conf.get(k)) for k in SPECIAL_KEYS if conf.get(k) is not None}
+        bad = {k: v for k, v in special.items() if not isinstance(v, str) or not v}
+        if bad:
+            raise hub.CheckpointError(f"{d}: special token(s) {bad} in tokenizer_config.json / special_tokens_map.json "
+                                      f"must be non-empty strings")
+        if conf.get("padding_side", "right") not in ("left", "right"):
+            raise hub.CheckpointError(f"{d / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', got "
+                                      f"{conf.get('padding_side')!r}")
         opts = {"padding_side": conf.get("padding_side", "right")}
         mml = conf.get("model_max_length")
         if isinstance(mml, int) and mml < 10**9:
@@ -116,10 +128,14 @@ class Tokenizer:
         """Add tokens that are never split (e.g. '###HUMAN###'); returns how many were new.
         `roles` may name one of them as pad_token, eos_token, ... . Resize the model's embeddings after."""
         tokens = list(tokens) + [t for t in roles.values() if t is not None]
-        n = self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
-        for k, v in roles.items():
+        for k in roles:  # everything checked before the vocabulary changes
             if k not in SPECIAL_KEYS:
                 raise ValueError(f"unknown special-token role {k!r}; one of {SPECIAL_KEYS}")
+        for t in tokens:
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"a special token must be a non-empty string, got {t!r}")
+        n = self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        for k, v in roles.items():
             self.special[k] = v
         return n
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from minillm.data.readers import DataError
+from minillm.data.readers import DataError, shown
 
 
 def split_labels(value, where: str) -> list[str]:
@@ -23,7 +23,7 @@ def split_labels(value, where: str) -> list[str]:
         return [str(v) for v in value]
     if isinstance(value, str):
         return [v.strip() for v in value.split(";") if v.strip()]
-    raise DataError(f"{where}: 'labels' must be a list of names or a ';'-separated string, found {value!r}")
+    raise DataError(f"{where}: 'labels' must be a list of names or a ';'-separated string, found {shown(value)}")
 
 
 def label_set(records: Sequence[dict], labels_key: str = "labels") -> list[str]:
@@ -54,7 +54,9 @@ def encode_classification(records: Sequence[dict], tokenizer, label_names: Seque
             if name not in index:
                 raise DataError(f"{where}: label {name!r} is not in the label set {list(label_names)}")
             target[index[name]] = 1.0
-        ids = tokenizer.encode(str(r[text_key]))
+        if not isinstance(r[text_key], str):
+            raise DataError(f"{where}: '{text_key}' must be a string, found {type(r[text_key]).__name__}")
+        ids = tokenizer.encode(r[text_key])
         if max_length is not None:
             ids = ids[:max_length]
         if not ids:

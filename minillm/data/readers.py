@@ -91,3 +91,12 @@ def shuffled(records: Sequence, seed: int) -> list:
     out = list(records)
     rng.shuffle(out)
     return out
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value for an error message: its repr cut to `limit` characters (a deeply nested value shows its type)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<a deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from minillm.data.readers import DataError
+from minillm.data.readers import DataError, shown
 from minillm.losses import IGNORE_INDEX as IGNORE
 
 HUMAN, BOT, STOP = "###HUMAN###", "###BOT###", "###STOP###"
@@ -62,14 +62,22 @@ def add_chat_tokens(tokenizer, model=None) -> int:
     return n
 
 
+def check_messages(messages, where: str) -> None:
+    """'messages' must be a non-empty list of turns."""
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} turns, found {type(messages).__name__}")
+    if not messages:
+        raise DataError(f"{where}: 'messages' is empty")
+
+
 def format_chat(messages: Sequence[dict], where: str = "record") -> tuple[str, str]:
     """Turns -> (prompt, completion); the completion is the final bot turn."""
     roles = {"human": HUMAN, "user": HUMAN, "bot": BOT, "assistant": BOT}
-    if not messages:
-        raise DataError(f"{where}: 'messages' is empty")
+    check_messages(messages, where)
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each message needs a role in {sorted(roles)} and a string content, found {m!r}")
+            raise DataError(f"{where}: each message needs a role in {sorted(roles)} and a string content, "
+                            f"found {shown(m)}")
     if roles[messages[-1]["role"]] != BOT:
         raise DataError(f"{where}: the last message must be the bot's response (role 'bot'/'assistant')")
     prompt = ""
@@ -83,11 +91,11 @@ def format_llama3_chat(messages: Sequence[dict], where: str = "record", bos: boo
     """Turns -> (prompt, completion) in Llama-3's template: the prompt ends with the assistant header, the
     completion is the final assistant turn and its <|eot_id|> (Llama-3-Instruct's end of turn)."""
     roles = {"system": "system", "human": "user", "user": "user", "bot": "assistant", "assistant": "assistant"}
-    if not messages:
-        raise DataError(f"{where}: 'messages' is empty")
+    check_messages(messages, where)
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each message needs a role in {sorted(roles)} and a string content, found {m!r}")
+            raise DataError(f"{where}: each message needs a role in {sorted(roles)} and a string content, "
+                            f"found {shown(m)}")
         if roles[m["role"]] == "system" and i:
             raise DataError(f"{where}: a system message may only come first (message {i})")
     if roles[messages[-1]["role"]] != "assistant":
@@ -118,13 +126,20 @@ def prompt_and_completion(record: dict, eos: Optional[str] = None, chat_format: 
             return format_llama3_chat(record["messages"], where)
         return format_chat(record["messages"], where)
     end = eos or ""
+    for fields in (("prompt", "completion"), ("english", "latex"), ("text",)):
+        if all(k in record for k in fields):
+            bad = [k for k in fields if not isinstance(record[k], str)]
+            if bad:  # null, a list or a number would otherwise train as the text "None" / "['a']" / "34"
+                raise DataError(f"{where}: '{bad[0]}' must be a string, found {type(record[bad[0]]).__name__} "
+                                f"({record[bad[0]]!r:.40})")
+            break
     if "prompt" in record and "completion" in record:
-        return str(record["prompt"]), str(record["completion"]) + end
+        return record["prompt"], record["completion"] + end
     if "english" in record and "latex" in record:
         prompt, _ = LATEX_TEMPLATE.split(" {latex}")
         return prompt.format(english=record["english"]), f" {record['latex']}" + end
     if "text" in record:
-        return "", str(record["text"]) + end
+        return "", record["text"] + end
     keys = sorted(k for k in record if k != "_where")
     raise DataError(f"{where}: unknown record layout {keys}; expected prompt+completion, english+latex, "
                     f"messages, or text")

@@ -53,6 +53,7 @@ class DistilBertConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
+        hub.validate_config(self)  # types and ranges, before any tensor is allocated
         if self.dim % self.n_heads:
             raise hub.CheckpointError(f"config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.activation not in ACTIVATIONS:

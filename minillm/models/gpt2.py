@@ -65,6 +65,11 @@ class GPT2Config:
     model_type: str = "gpt2"
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
+    def __post_init__(self):
+        hub.validate_config(self)  # types and ranges, before any tensor is allocated
+        if self.n_embd % self.n_head:
+            raise hub.CheckpointError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
     def to_hub_dict(self) -> dict:
         d = hub.as_config_dict(self)
         d.pop("use_sdpa")

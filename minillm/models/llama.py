@@ -89,6 +89,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.validate()
+        hub.validate_config(self)  # the shared type and range checks, for the fields validate() leaves
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

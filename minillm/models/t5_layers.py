@@ -98,6 +98,7 @@ class T5Config:
                 raise hub.CheckpointError(f"{where}: {name}={v!r} is not a token id in [0, {self.vocab_size})")
         if self.pad_token_id is None:
             raise hub.CheckpointError(f"{where}: pad_token_id is required (T5 starts decoding from it)")
+        hub.validate_config(self)  # the shared type and range checks, for the fields not checked above
         self.is_gated, self.activation = parse_feed_forward_proj(self.feed_forward_proj)
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = bool(self.tie_word_embeddings)

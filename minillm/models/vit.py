@@ -53,6 +53,7 @@ class ViTConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
+        hub.validate_config(self)  # types and ranges, before any tensor is allocated
         if self.hidden_size % self.num_attention_heads:
             raise hub.CheckpointError(f"config: hidden_size={self.hidden_size} is not divisible by "
                                       f"num_attention_heads={self.num_attention_heads}")

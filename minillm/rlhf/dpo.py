@@ -15,6 +15,8 @@ Sources: Rafailov et al., "Direct Preference Optimization" (2023), eq. 7; trl's 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,11 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All inputs (B,) summed response log-probs. Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,)),
     the implicit rewards β·(log π − log π_ref). label_smoothing ε: conservative DPO (ε = 0: plain DPO)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"dpo_loss: beta must be a finite number > 0, got {beta!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
         raise ValueError(f"dpo_loss: the four log-prob tensors must share one (batch,) shape, got "

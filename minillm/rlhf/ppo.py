@@ -169,6 +169,15 @@ class PPOConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
+        from minillm.hub import validate_config  # types and ranges first (a 0 batch size would divide by zero)
+        inf = float("inf")
+        validate_config(self, error=ValueError,
+                        ranges={"lr": (0.0, inf, False), "gamma": (0.0, 1.0, True), "lam": (0.0, 1.0, True),
+                                "cliprange": (0.0, inf, False), "cliprange_value": (0.0, inf, False),
+                                "vf_coef": (0.0, inf, True), "init_kl_coef": (0.0, inf, True),
+                                "target_kl": (0.0, inf, False), "horizon": (0.0, inf, False),
+                                "max_grad_norm": (0.0, inf, False), "temperature": (0.0, inf, False),
+                                "top_p": (0.0, 1.0, False), "weight_decay": (0.0, inf, True)})
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}")
         ga = self.gradient_accumulation_steps

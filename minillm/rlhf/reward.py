@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from minillm import hub
 from minillm.data.preference import RewardPairCollator, join_text
+from minillm.data.readers import DataError
 from minillm.losses import last_token_index
 from minillm.models.auto import KINDS, load_model, model_type
 from minillm.models.layers import hidden_size
@@ -229,6 +230,29 @@ def reward_loss_fn(use_margin: bool = True, center_coef: float = 0.0) -> Callabl
     return loss_fn
 
 
+def check_pair_lengths(rm: nn.Module, tokenizer, pairs: list[dict], max_length: Optional[int]) -> None:
+    """Before training: without max_length (no truncation), every prompt+response must fit the backbone's
+    positions — a DataError naming the pair's file:line, instead of an error in the middle of training."""
+    if max_length is not None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        return
+    limit = None
+    for m in rm.modules():
+        cfg = getattr(m, "config", None)
+        limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if limit:
+            break
+    if not limit:
+        return
+    for i, d in enumerate(pairs):
+        for key in ("chosen", "rejected"):
+            n = len(tokenizer.encode(join_text(d["prompt"], d[key])))
+            if n > limit:
+                raise DataError(f"{d.get('_where', f'pair {i}')}: prompt + {key} is {n} tokens, more than the "
+                                f"model's {limit} positions; shorten it or pass --max-length to truncate")
+
+
 def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval_pairs: Optional[list[dict]] = None,
                        epochs: int = 1, batch_size: int = 32, lr: float = 1e-5, center_coef: float = 0.0,
                        use_margin: bool = True, seed: int = 0, grad_clip: float = 1.0,
@@ -241,6 +265,7 @@ def train_reward_model(rm: RewardModel, tokenizer, train_pairs: list[dict], eval
     from minillm.train.loop import TrainConfig, train
     if not train_pairs:
         raise ValueError("train_reward_model: no training pairs")
+    check_pair_lengths(rm, tokenizer, train_pairs + list(eval_pairs or []), max_length)
     steps_per_epoch = math.ceil(len(train_pairs) / batch_size)
     if device is None:
         device = str(_device(rm))

@@ -21,7 +21,11 @@ finetune recipes for the shape.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +41,7 @@ from minillm.lora import AdapterConfig, merge_and_unload, prepare_adapters, save
 from minillm.models.auto import KINDS, load_model, model_class, model_type
 from minillm.prompt_tuning import PromptTuningConfig, apply_prompt_tuning, prompt_tuning_loss, save_prompt_tuning
 from minillm.tokenizer import Tokenizer
+from minillm.train.checkpoint import directory_lock
 from minillm.train.freezing import freeze_below_layer
 from minillm.train.loop import (PRECISIONS, TrainConfig, causal_lm_loss, evaluate, setup_distributed,
                                 seq2seq_loss, teardown_distributed, to_device, train)
@@ -53,9 +58,31 @@ def load_tokenizer(name_or_dir: str) -> Tokenizer:
     return tok
 
 
+def file_digest(path: Optional[str]) -> Optional[str]:
+    """sha256 of a file's bytes (the data a run trained on), for the resume fingerprint."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_max_length(max_length: Optional[int]) -> None:
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ValueError(f"--max-length must be a positive integer, got {max_length!r}")
+
+
 def _write_summary(out: Path, summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _out_lock(out: str):
+    """<out>/.lock for the whole job on rank 0 (training, checkpoints and the final save): a second job writing
+    the same --out is refused at once, a read-only --out fails before any work (train() re-enters it)."""
+    return directory_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
 
 def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters: AdapterConfig = AdapterConfig(),
@@ -67,15 +94,25 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
     prompt trains (prompt_tuning.py); <out> then holds peft's PROMPT_TUNING files, not a model. chat_format
     ("sawyer" | "llama3"; None: "llama3" when the tokenizer has Llama-3's chat tokens, else "sawyer") decides how
     {messages} records are written; "sawyer" adds the book's three tokens (embedding resized, rows trained)."""
-    n_virtual = prompt_tuning.num_virtual_tokens
-    if n_virtual and (adapters.lora_r or adapters.quantize or gradient_checkpointing):
+    check_max_length(max_length)
+    if prompt_tuning.num_virtual_tokens and (adapters.lora_r or adapters.quantize or gradient_checkpointing):
         raise ValueError("prompt tuning trains the soft prompt alone: drop --lora-r / --quantize / "
                          "--gradient-checkpointing")
+    with _out_lock(out):
+        return _sft_job(model, data, out, train_config, adapters, eval_data, completion_only, max_length,
+                        gradient_checkpointing, prompt_tuning, chat_format)
+
+
+def _sft_job(model, data, out, train_config, adapters, eval_data, completion_only, max_length,
+             gradient_checkpointing, prompt_tuning, chat_format) -> dict:
+    n_virtual = prompt_tuning.num_virtual_tokens
     rank, _ = setup_distributed()
     # Everything that can fail on bad data happens here, before any training.
     if chat_format not in (None,) + CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
     records = read_records(data)
+    fingerprint = {"model": str(model), "data": file_digest(data), "max_length": max_length,
+                   "completion_only": bool(completion_only), "adapters": dataclasses.asdict(adapters)}
     eval_records = read_records(eval_data) if eval_data else []
     torch.manual_seed(train_config.seed)  # new LoRA matrices and resized embedding rows are seeded too
     is_seq2seq = model_type(model)[1] in KINDS["seq2seq"]
@@ -120,7 +157,7 @@ def sft_job(model: str, data: str, out: str, train_config: TrainConfig, adapters
         lm.gradient_checkpointing_enable()
     eval_fn = (lambda m: evaluate(m, eval_set, collate, loss_fn, train_config.batch_size)) if eval_set else None
     result = train(lm, train_set, collate, loss_fn, train_config, eval_fn=eval_fn,
-                   lengths=[len(e["input_ids"]) for e in train_set])
+                   lengths=[len(e["input_ids"]) for e in train_set], fingerprint=fingerprint)
     summary = {"steps": result.step, "first_loss": result.losses[0] if result.losses else None,
                "final_loss": result.losses[-1] if result.losses else None, "evals": result.evals, "out": out}
     if n_virtual:
@@ -164,10 +201,24 @@ def classify_job(model: str, data: str, out: str, train_config: TrainConfig, eva
                  labels: Optional[list[str]] = None, text_key: str = "text", labels_key: str = "labels",
                  freeze_up_to: Optional[int] = None, threshold: float = 0.5, max_length: Optional[int] = None) -> dict:
     """Multi-label classification fine-tuning of an encoder classifier; returns the summary it writes."""
+    check_max_length(max_length)
+    if labels is not None:
+        bad = [n for n in labels if not isinstance(n, str) or not n.strip()]
+        if bad or len(set(labels)) != len(labels) or not labels:
+            raise ValueError(f"--labels must be distinct non-empty names separated by commas, got {labels!r}")
+    with _out_lock(out):
+        return _classify_job(model, data, out, train_config, eval_data, labels, text_key, labels_key, freeze_up_to,
+                             threshold, max_length)
+
+
+def _classify_job(model, data, out, train_config, eval_data, labels, text_key, labels_key, freeze_up_to,
+                  threshold, max_length) -> dict:
     rank, _ = setup_distributed()
     records = read_records(data)
     eval_records = read_records(eval_data) if eval_data else []
     names = labels or label_set(records, labels_key)
+    fingerprint = {"model": str(model), "data": file_digest(data), "max_length": max_length, "labels": list(names),
+                   "text_key": text_key, "labels_key": labels_key, "freeze_up_to": freeze_up_to}
     d, cls = model_class(model, "classifier")
     tok = Tokenizer.from_pretrained(str(d))
     max_length = max_length or tok.model_max_length or 512
@@ -185,7 +236,7 @@ def classify_job(model: str, data: str, out: str, train_config: TrainConfig, eva
     eval_fn = (lambda m: classification_eval(m, eval_set, collate, train_config.batch_size, threshold)) \
         if eval_set else None
     result = train(clf, train_set, collate, bce_loss_sum, train_config, eval_fn=eval_fn,
-                   lengths=[len(e["input_ids"]) for e in train_set])
+                   lengths=[len(e["input_ids"]) for e in train_set], fingerprint=fingerprint)
     summary = {"labels": names, "steps": result.step, "final_loss": result.losses[-1],
                "eval": result.evals[-1] if result.evals else {}, "out": out}
     if rank == 0:

@@ -60,9 +60,10 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from minillm.data.batching import length_grouped
-from minillm.hub import CheckpointError
+from minillm.hub import CheckpointError, validate_config
 from minillm.losses import lm_loss_sum, token_loss_sum
-from minillm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from minillm.train.checkpoint import (directory_lock, latest_checkpoint, load_checkpoint, read_trainer_state,
+                                      save_checkpoint, unwrap)
 from minillm.train.device import pick_device
 from minillm.train.runlog import RunLog, format_eta
 from minillm.train.schedule import SCHEDULES, lr_factor
@@ -101,6 +102,14 @@ class TrainConfig:
     fsdp: bool = False                  # under torchrun: shard params, grads, AdamW states (fsdp.py) instead of DDP
 
     def __post_init__(self):
+        # types and ranges of every field (ints real ints >= 1 unless listed, floats finite, bools bools)
+        validate_config(self, error=ValueError, zero_ok=("warmup_steps", "eval_every", "save_every",
+                                                         "keep_checkpoints", "seed"),
+                        ranges={"lr": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, True),
+                                "max_grad_norm": (0.0, math.inf, False)})
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"config: betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
@@ -300,13 +309,26 @@ def evaluate(model, dataset: Sequence, collate: Callable, loss_fn: Callable, bat
 # ---- the loop ----
 def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], dict], loss_fn: Callable,
           config: TrainConfig, eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None,
-          lengths: Optional[Sequence[int]] = None, log: Optional[RunLog] = None, phase: str = "train") -> TrainResult:
+          lengths: Optional[Sequence[int]] = None, log: Optional[RunLog] = None, phase: str = "train",
+          fingerprint: Optional[dict] = None) -> TrainResult:
     """Train `model` in place (see the module docstring). Returns the per-step losses and evals.
 
     log: a RunLog to report to (a demo's own); by default the loop opens <out_dir>/metrics.jsonl and prints to
     stderr. A dataset with a `set_epoch(epoch)` method is told each epoch before its batches are drawn (e.g. to
-    draw fresh synthetic examples)."""
+    draw fresh synthetic examples). fingerprint: what defines the job beyond this config (model name, a hash of
+    the data file, max_length, the adapter config, ...), JSON values; saved in each checkpoint, and a resume
+    with any of them changed is refused, naming them. With out_dir, rank 0 holds <out_dir>/.lock for the run
+    (a second writer to the same directory is refused at once; a read-only out_dir fails before training)."""
+    if config.out_dir and dist_info()[0] == 0:
+        with directory_lock(config.out_dir):
+            return _train(model, dataset, collate, loss_fn, config, eval_fn, lengths, log, phase, fingerprint)
+    return _train(model, dataset, collate, loss_fn, config, eval_fn, lengths, log, phase, fingerprint)
+
+
+def _train(model, dataset, collate, loss_fn, config: TrainConfig, eval_fn, lengths, log, phase,
+           fingerprint: Optional[dict]) -> TrainResult:
     cfg = config
+    fingerprint = json.loads(json.dumps(fingerprint or {}))  # as it will read back from the checkpoint
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty: nothing to train on")
     rank, world = dist_info()
@@ -341,14 +363,25 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
         if where is None:
             raise ValueError("resume=True needs out_dir (or pass the checkpoint path as resume)")
         if cfg.resume is not True or latest_checkpoint(where) is not None:
-            state = load_checkpoint(where, model, optimizer, scaler)
-            saved = state["extra"].get("config", {})
+            ckpt = latest_checkpoint(where)
+            if ckpt is None:
+                raise CheckpointError(f"{where}: no checkpoint to resume from (no latest.json, no trainer_state.json)")
+            extra = read_trainer_state(ckpt)["extra"]  # checked before the model is touched
+            saved = extra.get("config", {}) if isinstance(extra.get("config"), dict) else {}
             changed = [k for k in ORDER_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-            if state["extra"].get("world_size", world) != world:
+            if extra.get("world_size", world) != world:
                 changed.append("world_size")
             if changed:
-                raise CheckpointError(f"{state['path']}: cannot resume with different {changed} (they fix the "
+                raise CheckpointError(f"{ckpt}: cannot resume with different {changed} (they fix the "
                                       f"data order); saved: {[saved.get(k) for k in changed]}")
+            old = extra.get("fingerprint") if isinstance(extra.get("fingerprint"), dict) else None
+            if old is not None:
+                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                if diff:
+                    shown = "; ".join(f"{k}: saved {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff[:4])
+                    raise CheckpointError(f"{ckpt}: cannot resume: {', '.join(diff)} changed (they change the data, "
+                                          f"the model or the loss)\n{shown}")
+            state = load_checkpoint(ckpt, model, optimizer, scaler)
             step = state["step"]
             if rank == 0 and not cfg.quiet:
                 print(f"[train] resumed from {state['path']} at step {step}", file=sys.stderr, flush=True)
@@ -379,7 +412,8 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable[[list], d
             return
         if rank == 0:
             save_checkpoint(ckpt_dir, model, optimizer, scaler, step=step, keep=cfg.keep_checkpoints,
-                            extra={"config": dataclasses.asdict(cfg), "world_size": world})
+                            extra={"config": dataclasses.asdict(cfg), "world_size": world,
+                                   "fingerprint": fingerprint})
         if world > 1:
             dist.barrier()
 
