@@ -283,7 +283,9 @@ def diff(m: Mutant, mutated: str) -> str:
 # ---- running ----
 def run_tests(tmp: Path, tests: list[str], timeout: float | None) -> tuple[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tmp), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-P", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", PYTEST_MARKS, *tests]
+    # -o pythonpath= : setup.cfg's `pythonpath = .` would put the checkout ahead of the temp copy
+    cmd = [sys.executable, "-P", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "pythonpath=",
+           "-m", PYTEST_MARKS, *tests]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
@@ -298,11 +300,18 @@ def run_tests(tmp: Path, tests: list[str], timeout: float | None) -> tuple[str, 
 
 
 def check_import_path(tmp: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(tmp), PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run([sys.executable, "-P", "-c", "import minillm; print(minillm.__file__)"], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
-    if not out.startswith(str(tmp)):
-        sys.exit(f"the temp copy is not what gets imported ({out}); refusing to report meaningless scores")
+    """A canary: break the temp copy's minillm/__init__.py and check that the tests notice; otherwise the
+    tests import some other copy (the checkout, an editable install) and every mutant would 'survive'."""
+    init = tmp / "minillm" / "__init__.py"
+    original = init.read_text()
+    init.write_text(original + "\nraise ImportError('mutation.py canary')\n")
+    try:
+        status, _ = run_tests(tmp, ["tests/test_formats.py"], None)
+    finally:
+        init.write_text(original)
+    if status != "killed":
+        sys.exit(f"canary: a broken temp copy still passed the tests ({status}): they do not import the temp copy; "
+                 "refusing to report meaningless scores")
 
 
 def main(argv=None) -> int:
@@ -314,6 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     ap.add_argument("--json", type=Path, help="write every mutant's result here")
+    ap.add_argument("--skip-tests", nargs="*", default=[], metavar="SUBSTRING",
+                    help="leave out mapped test files whose path contains one of these (e.g. _pins: the score "
+                         "of the suite without the pin tests)")
     ap.add_argument("--survivors", action="store_true", help="print each survivor's diff")
     args = ap.parse_args(argv)
 
@@ -328,7 +340,8 @@ def main(argv=None) -> int:
             muts = sorted(rng.sample(muts, args.sample), key=lambda m: (m.line, m.col, m.index, m.desc))
         plan[rel] = muts
     # the test files are fixed now: a test file added while a long run goes does not change its later files
-    tests_of = {rel: [t for t in FILE_TESTS[rel] if (REPO / t).exists()] for rel in plan}
+    tests_of = {rel: [t for t in FILE_TESTS[rel] if (REPO / t).exists() and not any(x in t for x in args.skip_tests)]
+                for rel in plan}
 
     if args.list:
         for rel, muts in plan.items():
