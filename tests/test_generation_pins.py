@@ -116,3 +116,45 @@ def test_eos_stops_and_pads_with_eos_by_default():
             assert all(t == 1 for t in row[first:])
     if out.shape[1] < 9:  # stopped early: only when every row had said EOS
         assert (out[:, 1:] == 1).any(1).all()
+
+
+class FixedSeq2Seq(torch.nn.Module):
+    """An encoder-decoder stand-in: every decoder step has the distribution PROBS; config as T5's ids."""
+    is_encoder_decoder = True
+
+    class config:
+        eos_token_id, pad_token_id, decoder_start_token_id = 3, 2, 2
+
+    def __init__(self):
+        super().__init__()
+        self.modes = []
+
+    def new_cache(self, n):
+        return None
+
+    def encode(self, ids, mask=None):
+        return torch.zeros(ids.shape[0], ids.shape[1], 4)
+
+    def decode(self, dec_ids, states, mask=None, cache=None):
+        self.modes.append(self.training)
+        B, T = dec_ids.shape
+        return _logits(B)[:, None, :].expand(B, T, 4).clone()
+
+
+def test_encoder_decoder_generation_defaults_and_edges():
+    lm = FixedSeq2Seq()
+    lm.train()
+    src = torch.tensor([[5, 6, 7], [5, 6, 0]])
+    out = generate(lm, src, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert out.shape == (2, 1 + 20)  # default max_new_tokens
+    assert out[:, 0].eq(2).all() and out[:, 1:].eq(0).all()  # starts with decoder_start, greedy = token 0
+    assert lm.training is True and not any(lm.modes)  # eval inside, the caller's mode after
+    assert generate(lm, src, max_new_tokens=0).tolist() == [[2], [2]]  # nothing generated: just the start
+    g = torch.Generator().manual_seed(0)
+    out = generate(lm, src.repeat(16, 1), max_new_tokens=4, do_sample=True, top_p=0.7, generator=g)  # no top_k
+    assert set(out[:, 1:].flatten().tolist()) == {0, 1}
+    # with the config's EOS (3) rows end and pad with the config's pad (2)
+    out = generate(lm, src.repeat(32, 1), max_new_tokens=6, do_sample=True, generator=g)
+    for row in out[:, 1:].tolist():
+        if 3 in row:
+            assert all(t == 2 for t in row[row.index(3) + 1:])

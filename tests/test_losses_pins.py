@@ -138,3 +138,40 @@ def test_decays_by_hand():
         assert lr_factor(20, 4, 12, kind) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         lr_factor(1, 0, 10, "exponential")
+
+
+def test_schedule_with_a_single_decay_step():
+    # total - warmup = 1: the one step after warmup already ends the decay
+    for kind in ("linear", "cosine"):
+        assert lr_factor(2, 2, 3, kind) == 1.0
+        assert lr_factor(3, 2, 3, kind) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, 1, 5) == 0.0 and lr_factor(1, 1, 5) == 1.0  # one warmup step
+
+
+# ---- sequence classification losses (transformers' problem_type rules) ----
+def test_problem_type_rule():
+    from minillm.losses import infer_problem_type
+    assert infer_problem_type(1, torch.tensor([0.3, 1.2])) == "regression"
+    assert infer_problem_type(1, torch.tensor([0, 1])) == "regression"  # one output: always regression
+    assert infer_problem_type(2, torch.tensor([0, 1])) == "single_label_classification"
+    assert infer_problem_type(3, torch.tensor([[0.0, 1.0, 1.0]])) == "multi_label_classification"
+
+
+def test_classification_losses_by_hand():
+    from minillm.losses import classification_loss, multilabel_predictions
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [-1.0, 3.0, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 2, -100])  # the third row is ignored
+    lse = [math.log(math.exp(2) + 1 + math.exp(-1)), math.log(3 * math.exp(0.5))]
+    want = ((lse[0] - 2.0) + (lse[1] - 0.5)) / 2
+    assert classification_loss(logits, labels).item() == pytest.approx(want, abs=1e-12)
+    # multi-label: mean over all entries of BCE with one sigmoid per label
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    bce = [-(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+           for z, t in zip(logits.flatten().tolist(), targets.flatten().tolist())]
+    assert classification_loss(logits, targets).item() == pytest.approx(sum(bce) / 9, abs=1e-12)
+    # regression: one output, MSE against float targets
+    reg = classification_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0]))
+    assert reg.item() == pytest.approx((1.0 + 4.0) / 2)
+    assert multilabel_predictions(torch.tensor([[0.0, -0.1, 2.0]])).tolist() == [[1, 0, 1]]  # sigmoid(0) = 0.5 is on
+    with pytest.raises(ValueError):
+        classification_loss(logits, torch.tensor([0, 3, 1]))  # class 3 of 3

@@ -163,3 +163,32 @@ def test_ppo_entropy_bonus_raises_entropy(one_thread):
     h_plain, h_bonus = _policy_entropy(plain, ro), _policy_entropy(bonus, ro)
     assert h_bonus > before + 0.01, (before, h_bonus)
     assert h_bonus > h_plain + 0.01, (h_plain, h_bonus)
+
+
+def test_adaptive_controller_rejects_a_zero_target():
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.2, target=0.0, horizon=10)
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.2, target=1.0, horizon=0.0)
+
+
+def test_dpo_from_models_default_beta():
+    from minillm.rlhf.dpo import dpo_loss_from_models
+    torch.manual_seed(1)
+    L_pol, L_ref = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 0, 3]])
+    resp, attn = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]), torch.ones(2, 4, dtype=torch.long)
+
+    def lm(L):
+        return lambda input_ids, attention_mask=None: L
+
+    def seq_lp(L):  # by hand: the logits at t-1 predict token t
+        lsm = torch.log_softmax(L, -1)
+        return [lsm[0, 1, 3] + lsm[0, 2, 4], lsm[1, 2, 3]]
+
+    pol, ref = seq_lp(L_pol), seq_lp(L_ref)
+    # chosen = rejected here: the loss is log 2 and the rewards are beta * (log pi - log pi_ref) with beta = 0.1
+    loss, ch, rj = dpo_loss_from_models(lm(L_pol), lm(L_ref), ids, attn, resp, ids, attn, resp)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert ch.tolist() == pytest.approx([0.1 * (p - r).item() for p, r in zip(pol, ref)], abs=1e-12)
+    assert torch.equal(ch, rj)
