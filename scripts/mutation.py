@@ -70,7 +70,13 @@ FILE_TESTS: dict[str, list[str]] = {
 # Survivors judged equivalent by a person (run with --survivors to see them). Key: file::the mutated
 # line's original source (stripped)::the operator's description — stable when lines move.
 EQUIVALENT: dict[str, str] = {
-    # filled from the survivors of the measured runs; see TESTING.md for the reasoning
+    "losses.py::empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()::22::-x -> x":
+        "mask.sum(1) == mask.sum(-1): the line above rejects any mask that is not 2-D",
+    "rlhf/dpo.py::empty = (response_mask.sum(-1) == 0).nonzero().flatten().tolist()::31::-x -> x":
+        "response_mask.sum(1) == .sum(-1): its shape was just checked equal to input_ids' (B, T) = logits.shape[:2]",
+    "train/schedule.py::return step / max(1, warmup_steps)::26::1 -> 2":
+        "reached only when step < warmup_steps, so warmup_steps >= 1; max(2, 1) differs from max(1, 1) only for "
+        "warmup_steps = 1, where step = 0 and 0/2 == 0/1",
 }
 
 PYTEST_MARKS = "not slow and not cuda and not reference"
