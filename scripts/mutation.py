@@ -327,6 +327,9 @@ def main(argv=None) -> int:
                     help="mutants per file (random, seeded; 0 = all). The default 12 on all 17 files is ~200 runs "
                          "of ~5-15 s: about 40 min on 2 cores")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--match", nargs="*", default=[], metavar="TEXT",
+                    help="keep only the mutants whose key (file::line source::col::operator) contains one of these "
+                         "(applied before --sample): re-check survivors after adding a test")
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     ap.add_argument("--json", type=Path, help="write every mutant's result here")
     ap.add_argument("--skip-tests", nargs="*", default=[], metavar="SUBSTRING",
@@ -341,6 +344,8 @@ def main(argv=None) -> int:
         if rel not in FILE_TESTS:
             ap.error(f"{rel} has no test mapping; known: {', '.join(FILE_TESTS)}")
         muts = find_mutants(rel)
+        if args.match:
+            muts = [m for m in muts if any(t in m.key for t in args.match)]
         if args.sample and args.sample < len(muts):
             rng = random.Random(f"{args.seed}:{rel}")
             muts = sorted(rng.sample(muts, args.sample), key=lambda m: (m.line, m.col, m.index, m.desc))

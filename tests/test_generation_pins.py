@@ -4,7 +4,7 @@ top-p through next_token and generate, max_new_tokens=0, the caller's train/eval
 
 import torch
 
-from minillm.generation import generate, next_token
+from minillm.generation import generate, generate_encoder_decoder, next_token
 
 PROBS = [0.5, 0.3, 0.15, 0.05]  # token 0 is the most likely; cumulative 0.5, 0.8, 0.95, 1.0
 
@@ -152,6 +152,10 @@ def test_encoder_decoder_generation_defaults_and_edges():
     assert generate(lm, src, max_new_tokens=0).tolist() == [[2], [2]]  # nothing generated: just the start
     g = torch.Generator().manual_seed(0)
     out = generate(lm, src.repeat(16, 1), max_new_tokens=4, do_sample=True, top_p=0.7, generator=g)  # no top_k
+    assert set(out[:, 1:].flatten().tolist()) == {0, 1}
+    # the same through generate_encoder_decoder itself, with its own defaults (20 tokens, no top-k)
+    assert generate_encoder_decoder(lm, src).shape == (2, 21)
+    out = generate_encoder_decoder(lm, src.repeat(16, 1), max_new_tokens=4, do_sample=True, top_p=0.7, generator=g)
     assert set(out[:, 1:].flatten().tolist()) == {0, 1}
     # with the config's EOS (3) rows end and pad with the config's pad (2)
     out = generate(lm, src.repeat(32, 1), max_new_tokens=6, do_sample=True, generator=g)

@@ -65,10 +65,10 @@ def test_lm_loss_is_the_mean_over_labelled_next_tokens():
 def test_token_loss_sum_has_no_shift_and_counts_labelled_positions():
     torch.manual_seed(3)
     logits = torch.randn(2, 3, 5, dtype=torch.float64)
-    labels = torch.tensor([[4, -100, 0], [-100, 2, -100]])
-    want = sum(-F.log_softmax(logits[b, t], -1)[labels[b, t]] for b, t in ((0, 0), (0, 2), (1, 1)))
+    labels = torch.tensor([[4, -100, 0], [1, 2, -100]])  # 4 labelled, 2 ignored
+    want = sum(-F.log_softmax(logits[b, t], -1)[labels[b, t]] for b, t in ((0, 0), (0, 2), (1, 0), (1, 1)))
     total, n = token_loss_sum(logits, labels)
-    assert int(n) == 3
+    assert int(n) == 4
     assert total.item() == pytest.approx(want.item(), abs=1e-12)
     total16, _ = token_loss_sum(logits.to(torch.float16), labels)
     assert total16.dtype == torch.float32
