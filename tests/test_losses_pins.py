@@ -175,3 +175,11 @@ def test_classification_losses_by_hand():
     assert multilabel_predictions(torch.tensor([[0.0, -0.1, 2.0]])).tolist() == [[1, 0, 1]]  # sigmoid(0) = 0.5 is on
     with pytest.raises(ValueError):
         classification_loss(logits, torch.tensor([0, 3, 1]))  # class 3 of 3
+
+
+def test_mean_pool_averages_real_tokens_only():
+    from minillm.losses import mean_pool
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
+    assert mean_pool(h, torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist() == [[2.0, 3.0], [7.0, 8.0]]
+    assert mean_pool(h, torch.tensor([[0, 0, 1], [1, 0, 0]])).tolist() == [[100.0, 100.0], [5.0, 6.0]]
+    assert torch.allclose(mean_pool(h), torch.tensor([[104 / 3, 106 / 3], [7.0, 8.0]]))  # no mask: every position
