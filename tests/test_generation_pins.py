@@ -154,7 +154,7 @@ def test_encoder_decoder_generation_defaults_and_edges():
     out = generate(lm, src.repeat(16, 1), max_new_tokens=4, do_sample=True, top_p=0.7, generator=g)  # no top_k
     assert set(out[:, 1:].flatten().tolist()) == {0, 1}
     # the same through generate_encoder_decoder itself, with its own defaults (20 tokens, no top-k)
-    assert generate_encoder_decoder(lm, src).shape == (2, 21)
+    assert generate_encoder_decoder(lm, src).tolist() == [[2] + [0] * 20] * 2  # greedy by default
     out = generate_encoder_decoder(lm, src.repeat(16, 1), max_new_tokens=4, do_sample=True, top_p=0.7, generator=g)
     assert set(out[:, 1:].flatten().tolist()) == {0, 1}
     # with the config's EOS (3) rows end and pad with the config's pad (2)
