@@ -74,6 +74,12 @@ EQUIVALENT: dict[str, str] = {
         "mask.sum(1) == mask.sum(-1): the line above rejects any mask that is not 2-D",
     "rlhf/dpo.py::empty = (response_mask.sum(-1) == 0).nonzero().flatten().tolist()::31::-x -> x":
         "response_mask.sum(1) == .sum(-1): its shape was just checked equal to input_ids' (B, T) = logits.shape[:2]",
+    "losses.py::return (x * m).sum(dim) / m.sum(dim).clamp(min=1e-9)::51::1e-09 -> 1.5000000000000002e-09":
+        "masks are 0/1, so m.sum(dim) is 0 or >= 1: the clamp acts only on empty slices, whose numerator is 0 "
+        "(0/1e-9 == 0/1.5e-9 == 0)",
+    "rlhf/gae.py::next_value = values[:, t + 1] * m[:, t + 1]::44::x[i+1] -> x[i] (#1)":
+        "values were already multiplied by the mask, so values[:, t+1] is 0 wherever m[:, t+1] is; multiplying "
+        "by m[:, t] instead changes only rows where m[:, t] = 0, whose advantage is zeroed by `* m[:, t]`",
     "train/schedule.py::return step / max(1, warmup_steps)::26::1 -> 2":
         "reached only when step < warmup_steps, so warmup_steps >= 1; max(2, 1) differs from max(1, 1) only for "
         "warmup_steps = 1, where step = 0 and 0/2 == 0/1",
