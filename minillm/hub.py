@@ -142,13 +142,15 @@ def _base_type(hint):
     return (typing.get_origin(hint) or hint), False
 
 
-def validate_config(cfg, error: type = None, zero_ok: Iterable[str] = (), ranges: Optional[dict] = None) -> None:
+def validate_config(cfg, error: type = None, zero_ok: Iterable[str] = (), ranges: Optional[dict] = None,
+                    heads: Optional[tuple[str, str]] = None) -> None:
     """Check every field of a config dataclass against its annotation and its name, before anything is allocated:
     bools real bools (not "no", not 0); ints real ints (not bool, not "64"), >= 1 — or >= 0 for token ids
     (`*_id`) and the names in `zero_ok`; floats finite numbers, probabilities (`*dropout*`, `*pdrop*`,
     `*_prob`) in [0, 1), epsilons (`*eps*`) > 0, `initializer_*` >= 0; strings strings; dicts and lists what
     they say. `ranges` adds {name: (low, high, low_inclusive)} for other floats. Raises `error` (CheckpointError
-    by default: a model config) with "config: <name> must be ..., got <value>"; the first problem wins."""
+    by default: a model config) with "config: <name> must be ..., got <value>"; the first problem wins.
+    heads=(width, n_heads): the width must split evenly over the attention heads."""
     error = error or CheckpointError
     zero_ok, ranges = set(zero_ok), ranges or {}
     hints = typing.get_type_hints(type(cfg))
@@ -191,6 +193,9 @@ def validate_config(cfg, error: type = None, zero_ok: Iterable[str] = (), ranges
                 bad = f"must be a {'list' if typ in (list, tuple) else 'JSON object'}"
         if bad:
             raise error(f"config: {name} {bad}, got {v!r}")
+    if heads and getattr(cfg, heads[0]) % getattr(cfg, heads[1]):
+        raise error(f"config: {heads[0]}={getattr(cfg, heads[0])} is not divisible by "
+                    f"{heads[1]}={getattr(cfg, heads[1])}")
 
 
 # The fields that give a model's width, depth, MLP width and vocabulary, across the families' configs.

@@ -59,10 +59,7 @@ class BertConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self)  # types and ranges, before any tensor is allocated
-        if self.hidden_size % self.num_attention_heads:
-            raise hub.CheckpointError(f"config: hidden_size={self.hidden_size} is not divisible by "
-                                      f"num_attention_heads={self.num_attention_heads}")
+        hub.validate_config(self, heads=("hidden_size", "num_attention_heads"))  # types, ranges, head split: before any allocation
         if self.position_embedding_type != "absolute":
             raise hub.CheckpointError(f"config: position_embedding_type '{self.position_embedding_type}' is not "
                                       f"supported (only 'absolute')")

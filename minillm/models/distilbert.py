@@ -53,9 +53,7 @@ class DistilBertConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self)  # types and ranges, before any tensor is allocated
-        if self.dim % self.n_heads:
-            raise hub.CheckpointError(f"config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        hub.validate_config(self, heads=("dim", "n_heads"))  # types, ranges, head split: before any allocation
         if self.activation not in ACTIVATIONS:
             raise hub.CheckpointError(f"config: activation '{self.activation}' not supported (one of {sorted(ACTIVATIONS)})")
 

@@ -66,9 +66,7 @@ class GPT2Config:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self)  # types and ranges, before any tensor is allocated
-        if self.n_embd % self.n_head:
-            raise hub.CheckpointError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        hub.validate_config(self, heads=("n_embd", "n_head"))  # types, ranges, head split: before any allocation
 
     def to_hub_dict(self) -> dict:
         d = hub.as_config_dict(self)

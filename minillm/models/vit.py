@@ -53,10 +53,7 @@ class ViTConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self)  # types and ranges, before any tensor is allocated
-        if self.hidden_size % self.num_attention_heads:
-            raise hub.CheckpointError(f"config: hidden_size={self.hidden_size} is not divisible by "
-                                      f"num_attention_heads={self.num_attention_heads}")
+        hub.validate_config(self, heads=("hidden_size", "num_attention_heads"))  # types, ranges, head split: before any allocation
         for k, v in (("hidden_act", self.hidden_act), ("pooler_act", self.pooler_act)):
             if v not in ACTIVATIONS and v != "tanh":
                 raise hub.CheckpointError(f"config: {k} '{v}' not supported (one of {sorted(ACTIVATIONS) + ['tanh']})")

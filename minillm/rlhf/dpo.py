@@ -46,8 +46,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"dpo_loss: beta must be a finite number > 0, got {beta!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+            or not 0 <= label_smoothing <= 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5] (trl's range; 0.5: no preference left), "
+                         f"got {label_smoothing!r}")
     shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
         raise ValueError(f"dpo_loss: the four log-prob tensors must share one (batch,) shape, got "

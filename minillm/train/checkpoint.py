@@ -47,7 +47,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from minillm.hub import (CheckpointError, check_finite, load_state_dict_strict, read_safetensors_file, save_json,
+from minillm.hub import (CheckpointError, check_finite, load_state_dict_strict, read_json, read_safetensors_file,
+                         save_json,
                          save_safetensors)
 
 LATEST = "latest.json"
@@ -315,13 +316,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
 def read_trainer_state(ckpt: Path) -> dict:
     """trainer_state.json of a checkpoint folder, with every field load_checkpoint uses checked."""
     path = ckpt / "trainer_state.json"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
-        raise CheckpointError(f"{path}: not valid JSON ({where})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(state).__name__}")
+    state = read_json(path)
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}")
