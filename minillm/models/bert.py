@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import hub
+from minillm.configs import classifier_config, config_from_dict, hub_config, validate_config
 from minillm.losses import mean_pool
 from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention,
-                                   check_input_ids, init_weights, key_mask)
+                                   check_input_ids, init_weights, key_mask, load_base_model)
 
 IGNORED = [r"^embeddings\.position_ids$"]  # an old buffer (0..511) some checkpoints carry; we build positions
 
@@ -59,7 +60,7 @@ class BertConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self, heads=("hidden_size", "num_attention_heads"))  # types, ranges, head split: before any allocation
+        validate_config(self, heads=("hidden_size", "num_attention_heads"))  # types, ranges, head split: before any allocation
         if self.position_embedding_type != "absolute":
             raise hub.CheckpointError(f"config: position_embedding_type '{self.position_embedding_type}' is not "
                                       f"supported (only 'absolute')")
@@ -71,7 +72,7 @@ class BertConfig:
         return len(self.id2label) if self.id2label else 2
 
     def to_hub_dict(self, architecture: str = "BertModel") -> dict:
-        return hub.hub_config(self, architecture)
+        return hub_config(self, architecture)
 
 
 class BertEmbeddings(nn.Module):
@@ -177,7 +178,7 @@ class BertModel(nn.Module):
                         **overrides) -> "BertModel":
         """Load a BERT checkpoint (BertModel layout, or a task layout with the `bert.` prefix; its heads are
         skipped). The pooler is built when the checkpoint has one. `overrides` change config keys (use_sdpa=...)."""
-        return hub.load_base_model(cls, cls.config_class, name_or_path, cls.model_type, cls.prefix, cls.ignored, dtype,
+        return load_base_model(cls, cls.config_class, name_or_path, cls.model_type, cls.prefix, cls.ignored, dtype,
                                    device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
@@ -231,8 +232,8 @@ class BertForSequenceClassification(nn.Module):
         """Load a BERT checkpoint; a base checkpoint gets a new, randomly initialized classifier with
         `num_labels` outputs (the checkpoint's own labels otherwise)."""
         d, raw = hub.read_config_of(name_or_path, "bert", cls.__name__)
-        raw = hub.classifier_config({**raw, **overrides}, num_labels, problem_type)
-        cfg = hub.config_from_dict(BertConfig, raw, str(d / "config.json"))
+        raw = classifier_config({**raw, **overrides}, num_labels, problem_type)
+        cfg = config_from_dict(BertConfig, raw, str(d / "config.json"))
         model = cls(cfg)
         state = hub.load_safetensors(d)
         heads = [r"^cls\."]  # a pre-training checkpoint's MLM/NSP heads

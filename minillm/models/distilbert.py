@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
+from minillm.configs import classifier_config, config_from_dict, hub_config, validate_config
 from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
-from minillm.models.layers import ACTIVATIONS, Encoder, EncoderOutput, check_input_ids, init_weights, key_mask
+from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, check_input_ids, init_weights, key_mask,
+                                   load_base_model)
 
 IGNORED = [r"^embeddings\.position_ids$"]
 
@@ -53,7 +55,7 @@ class DistilBertConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self, heads=("dim", "n_heads"))  # types, ranges, head split: before any allocation
+        validate_config(self, heads=("dim", "n_heads"))  # types, ranges, head split: before any allocation
         if self.activation not in ACTIVATIONS:
             raise hub.CheckpointError(f"config: activation '{self.activation}' not supported (one of {sorted(ACTIVATIONS)})")
 
@@ -66,7 +68,7 @@ class DistilBertConfig:
         return len(self.id2label) if self.id2label else 2
 
     def to_hub_dict(self, architecture: str = "DistilBertModel") -> dict:
-        return hub.hub_config(self, architecture)
+        return hub_config(self, architecture)
 
 
 def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
@@ -169,7 +171,7 @@ class DistilBertModel(nn.Module):
     def from_pretrained(cls, name_or_path: str, dtype: Optional[torch.dtype] = None, device=None,
                         **overrides) -> "DistilBertModel":
         """Load a DistilBERT checkpoint (DistilBertModel layout, or a task layout under `distilbert.`)."""
-        return hub.load_base_model(cls, DistilBertConfig, name_or_path, "distilbert", "distilbert.", IGNORED, dtype, device, **overrides)
+        return load_base_model(cls, DistilBertConfig, name_or_path, "distilbert", "distilbert.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
         return hub.save_model(self, directory)
@@ -200,8 +202,8 @@ class DistilBertForSequenceClassification(nn.Module):
                         dtype: Optional[torch.dtype] = None, device=None,
                         **overrides) -> "DistilBertForSequenceClassification":
         d, raw = hub.read_config_of(name_or_path, "distilbert", cls.__name__)
-        raw = hub.classifier_config({**raw, **overrides}, num_labels, problem_type)
-        cfg = hub.config_from_dict(DistilBertConfig, raw, str(d / "config.json"))
+        raw = classifier_config({**raw, **overrides}, num_labels, problem_type)
+        cfg = config_from_dict(DistilBertConfig, raw, str(d / "config.json"))
         model = cls(cfg)
         state = hub.load_safetensors(d)
         has_head = "classifier.weight" in state

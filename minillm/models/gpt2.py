@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from minillm import hub
+from minillm.configs import as_config_dict, config_from_dict, validate_config
 from minillm.models.layers import ACTIVATIONS, check_input_ids
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
                                split_heads)
@@ -66,10 +67,10 @@ class GPT2Config:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self, heads=("n_embd", "n_head"))  # types, ranges, head split: before any allocation
+        validate_config(self, heads=("n_embd", "n_head"))  # types, ranges, head split: before any allocation
 
     def to_hub_dict(self) -> dict:
-        d = hub.as_config_dict(self)
+        d = as_config_dict(self)
         d.pop("use_sdpa")
         d["architectures"] = ["GPT2LMHeadModel"]
         d["n_ctx"] = self.n_positions
@@ -306,7 +307,7 @@ class GPT2LMHeadModel(nn.Module):
         raw = hub.read_config(d)
         if raw.get("model_type", "gpt2") != "gpt2":
             raise hub.CheckpointError(f"{d / 'config.json'}: model_type '{raw.get('model_type')}' is not gpt2")
-        cfg = hub.config_from_dict(GPT2Config, {**raw, **overrides}, str(d / "config.json"))
+        cfg = config_from_dict(GPT2Config, {**raw, **overrides}, str(d / "config.json"))
         model = cls(cfg)
         state = hub.load_safetensors(d)
         optional = [r"^lm_head\.weight$"] if cfg.tie_word_embeddings else []

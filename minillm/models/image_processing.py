@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm import hub
+from minillm.configs import as_config_dict, config_from_dict
 
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # Pillow's codes: BILINEAR=2, BICUBIC=3
 
@@ -59,10 +60,10 @@ class ImageProcessor:
         path = hub.resolve(name_or_path) / "preprocessor_config.json"
         if not path.is_file():
             raise hub.CheckpointError(f"{path}: missing preprocessor_config.json")
-        return hub.config_from_dict(cls, json.loads(path.read_text()), str(path))
+        return config_from_dict(cls, json.loads(path.read_text()), str(path))
 
     def save_pretrained(self, directory: str) -> None:
-        d = hub.as_config_dict(self)
+        d = as_config_dict(self)
         d.pop("num_channels")
         d["image_processor_type"] = "ViTImageProcessor"
         hub.save_json(d, Path(directory) / "preprocessor_config.json")

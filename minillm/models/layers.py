@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm import hub
 from minillm.attention import merge_heads, padding_mask, scaled_dot_product_attention, split_heads
+from minillm.configs import config_from_dict
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -166,3 +168,18 @@ class Intermediate(nn.Module):
 
     def forward(self, x):
         return self.act(self.dense(x))
+
+
+def load_base_model(cls, config_cls, name_or_path: str, model_type: str, prefix: str, ignored: Iterable[str] = (),
+                    dtype: Optional[torch.dtype] = None, device=None, **overrides):
+    """The encoders' from_pretrained: read and check config.json (`model_type`), build `cls(config)` — with
+    add_pooling_layer when `cls` takes it and the checkpoint has a pooler — load the base tensors (task
+    layouts: `prefix` stripped, heads skipped) strictly, then move to dtype/device."""
+    d, raw = hub.read_config_of(name_or_path, model_type, cls.__name__)
+    cfg = config_from_dict(config_cls, {**raw, **overrides}, str(d / "config.json"))
+    state = hub.base_state(hub.load_safetensors(d), prefix)
+    if "add_pooling_layer" in cls.__init__.__code__.co_varnames:
+        model = cls(cfg, add_pooling_layer="pooler.dense.weight" in state)
+    else:
+        model = cls(cfg)
+    return hub.load_into(model, state, d, dtype, device, ignore_unexpected=ignored)

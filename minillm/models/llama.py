@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from minillm import hub
+from minillm.configs import as_config_dict, config_from_dict, validate_config
 from minillm.attention import KVCache, causal_mask, padding_mask, scaled_dot_product_attention
 from minillm.models.gpt2 import positions_from_mask
 from minillm.models.layers import activation, check_input_ids
@@ -89,7 +90,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.validate()
-        hub.validate_config(self)  # the shared type and range checks, for the fields validate() leaves
+        validate_config(self)  # the shared type and range checks, for the fields validate() leaves
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -187,7 +188,7 @@ class LlamaConfig:
 
     def to_hub_dict(self) -> dict:
         """config.json as transformers 5 writes it (rope settings inside rope_parameters)."""
-        d = hub.as_config_dict(self)
+        d = as_config_dict(self)
         for k in ("use_sdpa", "rope", "rope_scaling", "rope_theta"):
             d.pop(k, None)
         d["rope_parameters"] = dict(self.rope)
@@ -439,7 +440,7 @@ class LlamaForCausalLM(nn.Module):
             raise hub.CheckpointError(f"{where}: model_type '{raw.get('model_type')}' is not one of "
                                       f"{sorted(MODEL_TYPES)}")
         try:
-            cfg = hub.config_from_dict(LlamaConfig, {**raw, **overrides}, where)
+            cfg = config_from_dict(LlamaConfig, {**raw, **overrides}, where)
         except hub.CheckpointError as e:
             raise hub.CheckpointError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         except TypeError as e:  # a dataclass field given an unusable value

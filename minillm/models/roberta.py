@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
+from minillm.configs import config_from_dict
 from minillm.models.bert import BertConfig, BertEmbeddings, BertModel
 from minillm.models.layers import init_weights
 
@@ -158,7 +159,7 @@ class RobertaForSequenceClassification(nn.Module):
             raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
         if problem_type is not None:
             raw["problem_type"] = problem_type
-        cfg = hub.config_from_dict(RobertaConfig, raw, str(d / "config.json"))
+        cfg = config_from_dict(RobertaConfig, raw, str(d / "config.json"))
         model = cls(cfg)
         state = hub.load_safetensors(d)
         skip = IGNORED + [r"^lm_head\.", r"^(roberta\.)?pooler\."]  # masked-LM head; a pooler the head does not use

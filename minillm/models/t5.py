@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
+from minillm.configs import config_from_dict
 from minillm.models.layers import check_input_ids
 # re-exported: tests and callers import these from minillm.models.t5
 from minillm.models.t5_layers import (T5Attention, T5Cache, T5Config, T5DenseReluDense, T5LayerNorm, T5Stack,  # noqa: F401
@@ -166,7 +167,7 @@ class T5ForConditionalGeneration(nn.Module):
         separate = head is not None and not (head.shape == state.get("shared.weight", head).shape
                                              and torch.equal(head, state["shared.weight"]))
         raw["tie_word_embeddings"] = raw.get("tie_word_embeddings", True) is not False and not separate
-        cfg = hub.config_from_dict(T5Config, raw, src)
+        cfg = config_from_dict(T5Config, raw, src)
         model = cls(cfg)
         optional = [r"^lm_head\.weight$"] if cfg.tie_word_embeddings else []
         return hub.load_into(model, state, d, dtype, device, ignore_unexpected=IGNORED, optional=optional)

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
+from minillm.configs import as_config_dict, validate_config
 from minillm.attention import KVCache, causal_mask, merge_heads, scaled_dot_product_attention, split_heads
 from minillm.models.layers import ACTIVATIONS
 
@@ -98,7 +99,7 @@ class T5Config:
                 raise hub.CheckpointError(f"{where}: {name}={v!r} is not a token id in [0, {self.vocab_size})")
         if self.pad_token_id is None:
             raise hub.CheckpointError(f"{where}: pad_token_id is required (T5 starts decoding from it)")
-        hub.validate_config(self)  # the shared type and range checks, for the fields not checked above
+        validate_config(self)  # the shared type and range checks, for the fields not checked above
         self.is_gated, self.activation = parse_feed_forward_proj(self.feed_forward_proj)
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = bool(self.tie_word_embeddings)
@@ -112,7 +113,7 @@ class T5Config:
         return self.pad_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
 
     def to_hub_dict(self) -> dict:
-        d = hub.as_config_dict(self)
+        d = as_config_dict(self)
         d.pop("use_sdpa")
         d["decoder_start_token_id"] = self.start_token_id
         d.update(architectures=["T5ForConditionalGeneration"], is_encoder_decoder=True,

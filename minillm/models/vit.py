@@ -27,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm import hub
-from minillm.models.layers import ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention, init_weights
+from minillm.configs import as_config_dict, validate_config
+from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention,
+                                   init_weights, load_base_model)
 
 IGNORED = [r"^embeddings\.mask_token$"]  # masked-image-modeling checkpoints carry it; plain encoding never uses it
 
@@ -53,7 +55,7 @@ class ViTConfig:
     use_sdpa: bool = True  # minillm's flag: torch's fused attention kernel (True) or the written-out math
 
     def __post_init__(self):
-        hub.validate_config(self, heads=("hidden_size", "num_attention_heads"))  # types, ranges, head split: before any allocation
+        validate_config(self, heads=("hidden_size", "num_attention_heads"))  # types, ranges, head split: before any allocation
         for k, v in (("hidden_act", self.hidden_act), ("pooler_act", self.pooler_act)):
             if v not in ACTIVATIONS and v != "tanh":
                 raise hub.CheckpointError(f"config: {k} '{v}' not supported (one of {sorted(ACTIVATIONS) + ['tanh']})")
@@ -69,7 +71,7 @@ class ViTConfig:
         return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
     def to_hub_dict(self, architecture: str = "ViTModel") -> dict:
-        d = hub.as_config_dict(self)
+        d = as_config_dict(self)
         d.pop("use_sdpa")
         d["architectures"] = [architecture]
         return d
@@ -216,7 +218,7 @@ class ViTModel(nn.Module):
                         **overrides) -> "ViTModel":
         """Load a ViT checkpoint: ViTModel layout (pooler when present: in21k has one, DINO not) or
         ViTForImageClassification (`vit.` prefix; the classifier is skipped)."""
-        return hub.load_base_model(cls, ViTConfig, name_or_path, "vit", "vit.", IGNORED, dtype, device, **overrides)
+        return load_base_model(cls, ViTConfig, name_or_path, "vit", "vit.", IGNORED, dtype, device, **overrides)
 
     def save_pretrained(self, directory: str) -> Path:
         return hub.save_model(self, directory)

@@ -169,7 +169,7 @@ class PPOConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        from minillm.hub import validate_config  # types and ranges first (a 0 batch size would divide by zero)
+        from minillm.configs import validate_config  # types and ranges first (a 0 batch size would divide by zero)
         inf = float("inf")
         validate_config(self, error=ValueError,
                         ranges={"lr": (0.0, inf, False), "gamma": (0.0, 1.0, True), "lam": (0.0, 1.0, True),

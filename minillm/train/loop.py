@@ -59,8 +59,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from minillm.configs import validate_config
 from minillm.data.batching import length_grouped
-from minillm.hub import CheckpointError, validate_config
+from minillm.hub import CheckpointError
 from minillm.losses import lm_loss_sum, token_loss_sum
 from minillm.train.checkpoint import (directory_lock, latest_checkpoint, load_checkpoint, read_trainer_state,
                                       save_checkpoint, unwrap)
