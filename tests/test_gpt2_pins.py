@@ -291,3 +291,19 @@ def test_cross_attention_added_to_a_plain_checkpoint(tmp_path):
     ids = torch.tensor([[3, 1, 4]])
     with torch.no_grad():
         assert _close(again.eval()(ids), reference(plain, ids))
+
+
+def test_hub_layout_and_lora_targets(tmp_path):
+    import re
+
+    from safetensors.torch import load_file
+    model = tiny(tie_word_embeddings=False)
+    saved = load_file(str(model.save_pretrained(tmp_path / "m") / "model.safetensors"))
+    for name, w in model.state_dict().items():  # Conv1D weights are stored (in, out): exactly hub_transposed's names
+        conv = any(re.search(p, name) for p in GPT2LMHeadModel.hub_transposed)
+        assert conv == (w.dim() == 2 and ".h." in name and "ln" not in name), name
+        assert saved[name].shape == (w.T.shape if conv else w.shape), name
+    assert saved["transformer.h.0.attn.c_attn.weight"].shape == (8, 24)
+    # LoRA's default targets: every linear of the attention and MLP blocks, not the head
+    linears = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".h." in n}
+    assert set(GPT2LMHeadModel.lora_targets) == linears
