@@ -359,3 +359,20 @@ def test_resize_grow_and_shrink(tied):
     assert torch.equal(model.model.embed_tokens.weight, emb[:9]) and torch.equal(model.lm_head.weight, head[:9])
     with torch.no_grad():
         assert _close(model(IDS % 9), reference(model, IDS % 9))
+
+
+def test_llama3_scaling_is_continuous_at_the_region_edges():
+    # choose low/high_freq_factor so that a wavelength falls exactly on each edge L/lo and L/hi: the frequency
+    # there must equal the neighbouring region's (θ/factor at L/lo, θ at L/hi), as the blend is continuous
+    plain = cfg(hidden_size=64, num_attention_heads=4, head_dim=16)
+    lam = (2 * math.pi / rope_inv_freq(plain)).tolist()  # the wavelengths as the model computes them (fp32)
+    L, f = 1000, 4.0
+    rope = {"rope_type": "llama3", "factor": f, "low_freq_factor": L / lam[5], "high_freq_factor": L / lam[2],
+            "original_max_position_embeddings": L}
+    got = rope_inv_freq(cfg(hidden_size=64, num_attention_heads=4, head_dim=16, rope_parameters=rope)).tolist()
+    base = rope_inv_freq(plain).tolist()
+    assert got[5] == pytest.approx(base[5] / f, rel=1e-5)  # the long-wavelength edge: divided by factor
+    assert got[2] == pytest.approx(base[2], rel=1e-5)  # the short-wavelength edge: kept
+    assert got[6] == pytest.approx(base[6] / f, rel=1e-5) and got[1] == pytest.approx(base[1], rel=1e-5)
+    s = (L / lam[4] - L / lam[5]) / (L / lam[2] - L / lam[5])
+    assert got[4] == pytest.approx((1 - s) * base[4] / f + s * base[4], rel=1e-5)
