@@ -410,3 +410,15 @@ def test_encoder_decoder_input_errors():
         generate_encoder_decoder(lm, torch.tensor([[1, 2]]), torch.tensor([[1, 1, 1]]))
     assert generate_encoder_decoder(lm, torch.tensor([[1]]), max_new_tokens=1).shape == (1, 2)
     assert generate_encoder_decoder(lm, torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), max_new_tokens=0).shape == (1, 1)
+
+
+def test_encoder_decoder_start_id_from_the_config():
+    class Cfg(HistorySeq2Seq):
+        class config:
+            decoder_start_token_id, pad_token_id = 4, 0  # a start id that is not the pad id
+    src = torch.tensor([[1, 2], [0, 3]])
+    exp = _seq2seq_by_hand(src.tolist(), [[1, 1]] * 2, 4, 3)
+    assert generate_encoder_decoder(Cfg(), src, max_new_tokens=3).tolist() == exp
+    assert generate(Cfg(), src, max_new_tokens=3).tolist() == exp
+    exp = _seq2seq_by_hand(src.tolist(), [[1, 1]] * 2, 5, 3)  # the call's id wins over the config's
+    assert generate_encoder_decoder(Cfg(), src, max_new_tokens=3, decoder_start_token_id=5).tolist() == exp

@@ -307,3 +307,14 @@ def test_hub_layout_and_lora_targets(tmp_path):
     # LoRA's default targets: every linear of the attention and MLP blocks, not the head
     linears = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".h." in n}
     assert set(GPT2LMHeadModel.lora_targets) == linears
+
+
+def test_a_block_called_alone_is_causal():
+    from minillm.attention import causal_mask
+    model = tiny()
+    block = model.transformer.h[0]
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        alone = block(x)
+        assert torch.allclose(alone, block(x, mask=causal_mask(5)[None, None]), atol=1e-6)
+        assert torch.allclose(alone[:, :3], block(x[:, :3]), atol=1e-6)  # the future does not leak back
