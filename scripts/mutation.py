@@ -48,8 +48,8 @@ PKG = REPO / "minillm"
 # file (relative to minillm/) -> the test files that exercise it (found by grepping the tests' imports;
 # only the files that test the module's math directly, so a mutant runs in seconds).
 FILE_TESTS: dict[str, list[str]] = {
-    "attention.py": ["tests/test_attention.py", "tests/test_gpt2.py", "tests/test_attention_pins.py"],
-    "generation.py": ["tests/test_generation.py", "tests/test_generation_pins.py"],
+    "attention.py": ["tests/test_attention_pins.py", "tests/test_attention.py", "tests/test_gpt2.py"],
+    "generation.py": ["tests/test_generation_pins.py", "tests/test_generation.py"],
     "lora.py": ["tests/test_lora.py", "tests/test_lora_pins.py"],
     "nf4.py": ["tests/test_nf4.py", "tests/test_nf4_pins.py"],
     # test_bert/test_reward/test_vqa also use losses.py but take 70-90 s each on 2 cores: left out
@@ -62,8 +62,8 @@ FILE_TESTS: dict[str, list[str]] = {
     "rlhf/ppo.py": ["tests/test_ppo.py", "tests/test_rlhf_pins.py", "tests/test_ppo_pins.py"],
     "train/schedule.py": ["tests/test_loop.py", "tests/test_losses_pins.py"],
     "train/metrics.py": ["tests/test_metrics.py", "tests/test_metrics_pins.py"],
-    "models/gpt2.py": ["tests/test_gpt2.py", "tests/test_gpt2_pins.py"],
-    "models/llama.py": ["tests/test_llama.py", "tests/test_llama_pins.py"],
+    "models/gpt2.py": ["tests/test_gpt2_pins.py", "tests/test_gpt2.py"],
+    "models/llama.py": ["tests/test_llama_pins.py", "tests/test_llama.py"],
     "models/t5_layers.py": ["tests/test_t5.py", "tests/test_t5_pins.py"],
     "models/roberta.py": ["tests/test_roberta.py", "tests/test_roberta_pins.py"],
 }
