@@ -481,3 +481,16 @@ def test_top_k_or_top_p_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _trainer()
+
+
+def test_one_optimizer_step_per_accumulated_minibatches():
+    # 2 minibatches accumulated into one AdamW step: its first step moves each weight by -lr * g / (|g| + eps),
+    # g being the mean gradient of the two minibatches (the gradient left on the weights afterwards)
+    tr = _trainer(tok=_NoEos(), lr=1e-3, batch_size=4, mini_batch_size=2, gradient_accumulation_steps=2,
+                  max_new_tokens=3)
+    ro = tr.rollout(PROMPTS, PMASK)
+    before = [p.detach().clone() for p in tr.policy.parameters()]
+    tr.train_on(ro, torch.tensor([1.0, -1.0, 2.0, 0.0]))
+    for b, p in zip(before, tr.policy.parameters()):
+        want = b - 1e-3 * p.grad / (p.grad.abs() + 1e-8)
+        assert torch.allclose(p.detach(), want, atol=1e-7), (p.detach() - want).abs().max()
