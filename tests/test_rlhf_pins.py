@@ -192,3 +192,96 @@ def test_dpo_from_models_default_beta():
     assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
     assert ch.tolist() == pytest.approx([0.1 * (p - r).item() for p, r in zip(pol, ref)], abs=1e-12)
     assert torch.equal(ch, rj)
+
+
+# ---------------- bad input (each check, and the edges it must let through) ----------------
+def test_dpo_loss_rejects_bad_beta_and_smoothing_and_shapes():
+    a = _t(-1.0, -2.0)
+    dpo_loss(a, a, a, a, beta=0.5)  # any beta > 0
+    dpo_loss(a, a, a, a, beta=3)
+    for beta in (0, 0.0, -0.1, True, "0.1", math.nan, math.inf):
+        with pytest.raises(ValueError, match="beta"):
+            dpo_loss(a, a, a, a, beta=beta)
+    for eps in (0, 0.0, 0.5):
+        dpo_loss(a, a, a, a, label_smoothing=eps)
+    for eps in (-0.1, 0.6, 0.7, 1, True, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            dpo_loss(a, a, a, a, label_smoothing=eps)
+    with pytest.raises(ValueError, match="share one"):
+        dpo_loss(a, a, a, _t(-1.0))
+    with pytest.raises(ValueError, match="share one"):
+        m = a.view(1, 2)
+        dpo_loss(m, m, m, m)
+    for i in range(4):
+        args = [a, a, a, a]
+        args[i] = _t(-1.0, math.nan)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            dpo_loss(*args)
+
+
+def test_dpo_from_models_label_smoothing_and_distinct_pairs():
+    from minillm.rlhf.dpo import dpo_loss_from_models
+    torch.manual_seed(2)
+    Lp = {k: torch.randn(1, 4, 5, dtype=torch.float64) for k in ("c", "r")}
+    Lr = {k: torch.randn(1, 4, 5, dtype=torch.float64) for k in ("c", "r")}
+    ids = {"c": torch.tensor([[1, 2, 3, 4]]), "r": torch.tensor([[1, 2, 0, 1]])}
+    resp, attn = torch.tensor([[0, 0, 1, 1]]), torch.ones(1, 4, dtype=torch.long)
+
+    def lm(L):
+        return lambda input_ids, attention_mask=None: L["c"] if input_ids[0, 2] == 3 else L["r"]
+
+    def lp(L, k):
+        ls = torch.log_softmax(L[k], -1)
+        return (ls[0, 1, ids[k][0, 2]] + ls[0, 2, ids[k][0, 3]]).item()
+    z = 0.5 * ((lp(Lp, "c") - lp(Lr, "c")) - (lp(Lp, "r") - lp(Lr, "r")))
+    loss, ch, rj = dpo_loss_from_models(lm(Lp), lm(Lr), ids["c"], attn, resp, ids["r"], attn, resp, beta=0.5,
+                                        label_smoothing=0.2)
+    assert loss.item() == pytest.approx(-0.8 * _logsig(z) - 0.2 * _logsig(-z), abs=1e-12)
+    assert ch.item() == pytest.approx(0.5 * (lp(Lp, "c") - lp(Lr, "c")), abs=1e-12)
+    assert rj.item() == pytest.approx(0.5 * (lp(Lp, "r") - lp(Lr, "r")), abs=1e-12)
+    loss0, _, _ = dpo_loss_from_models(lm(Lp), lm(Lr), ids["c"], attn, resp, ids["r"], attn, resp, beta=0.5)
+    assert loss0.item() == pytest.approx(-_logsig(z), abs=1e-12)  # default: no smoothing
+
+
+def test_sequence_logprob_shape_checks():
+    logits, ids = torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="must agree"):
+        sequence_logprob(logits, ids, torch.tensor([[0, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="must agree"):
+        sequence_logprob(torch.zeros(2, 4, 4), ids, torch.tensor([[0, 1, 1], [0, 1, 0]]))
+    with pytest.raises(ValueError, match="position 0"):
+        sequence_logprob(logits, ids, torch.tensor([[0, 1, 1], [2, 1, 0]]))
+    # a uniform distribution over 4: each response token costs log 4
+    got = sequence_logprob(logits, ids, torch.tensor([[0, 1, 1], [0, 0, 1]]))
+    assert got.tolist() == pytest.approx([-2 * math.log(4), -math.log(4)])
+
+
+def test_gae_and_kl_input_checks():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"rewards must be a \(batch, steps\) tensor"):
+        compute_gae([[0.0] * 3] * 2, z, z)
+    with pytest.raises(ValueError, match="rewards must be"):
+        compute_gae(torch.zeros(2, 3, 1), z, z)
+    with pytest.raises(ValueError, match="values must be"):
+        compute_gae(z, torch.zeros(6), z)
+    with pytest.raises(ValueError, match="mask has shape"):
+        compute_gae(z, z, torch.ones(2, 4))
+    adv, ret = compute_gae(z + 1, z, torch.ones(2, 3))
+    assert adv.shape == ret.shape == (2, 3)
+    assert compute_gae(torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1))[0].item() == 1.0  # one step
+    with pytest.raises(ValueError, match="differ in shape"):
+        kl_penalty(z, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="full"):
+        kl_penalty(z, z, "full")
+    lp = torch.log_softmax(torch.randn(2, 3, 5), -1)
+    assert kl_penalty(lp, lp, "full").shape == (2, 3)
+    mask = torch.ones(2, 3)
+    r, _, _ = compute_rewards([1.0, 2.0], z, z, mask, 0.1)  # plain numbers as scores
+    assert r[:, -1].tolist() == [1.0, 2.0]
+    for bad in (torch.zeros(2, 1), torch.zeros(3), torch.tensor([0.0, math.inf])):
+        with pytest.raises(ValueError):
+            compute_rewards(bad, z, z, mask, 0.1)
+    with pytest.raises(ValueError, match=r"expected \(2, 3\)"):
+        compute_rewards(torch.zeros(2), torch.zeros(2, 4), torch.zeros(2, 4), mask, 0.1)
+    with pytest.raises(ValueError, match=r"expected \(2, 3\)"):
+        compute_rewards(torch.zeros(2), torch.zeros(3, 3), torch.zeros(3, 3), mask, 0.1)

@@ -184,8 +184,6 @@ class PPOConfig:
         if not (isinstance(ga, int) and ga >= 1 and (self.batch_size // self.mini_batch_size) % ga == 0):
             raise ValueError(f"gradient_accumulation_steps {ga} must be an integer >= 1 dividing the "
                              f"{self.batch_size // self.mini_batch_size} minibatches of a batch")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling rollouts, got {self.temperature}")
 
 
 @dataclass
@@ -372,7 +370,6 @@ class PPOTrainer:
                     self.opt.step()
                 for k, v in {**pstats, **vstats, "policy_loss": pg.item(), "value_loss": vf.item()}.items():
                     agg.setdefault(k, []).append(v)
-        self.policy.eval()
 
         kl_coef_used = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, B)
