@@ -158,3 +158,14 @@ def test_from_pretrained_labels():
     m = RobertaForSequenceClassification.from_pretrained(TINY_CLS, dtype=torch.float64)
     assert m.classifier.dense.weight.dtype == torch.float64
     assert RobertaModel.from_pretrained(TINY).max_input_length() == 38
+
+
+def test_save_pretrained_returns_the_directory_it_wrote(tmp_path):
+    torch.manual_seed(5)
+    m = RobertaForSequenceClassification(RobertaConfig(**SMALL)).eval()
+    out = m.save_pretrained(tmp_path / "cls")
+    assert Path(out) == tmp_path / "cls" and (Path(out) / "model.safetensors").is_file()
+    again = RobertaForSequenceClassification.from_pretrained(out).eval()
+    ids = torch.tensor([[0, 5, 6, 2]])
+    with torch.no_grad():
+        assert torch.equal(again(ids), m(ids))

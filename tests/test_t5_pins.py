@@ -303,7 +303,8 @@ def test_feed_forward_proj_rule(s, want):
     assert parse_feed_forward_proj(s) == want
 
 
-@pytest.mark.parametrize("s", ["gated-gelu-new", "relu-gated", "other-relu", "", "-", "gated-", 3, None])
+@pytest.mark.parametrize("s", ["gated-gelu-new", "gated-gated-relu", "x-gated-relu", "relu-gated", "other-relu", "",
+                               "-", "gated-", 3, None])
 def test_feed_forward_proj_errors(s):
     with pytest.raises(CheckpointError, match="feed_forward_proj"):
         parse_feed_forward_proj(s)
