@@ -219,6 +219,34 @@ def test_stacks_equal_the_equations(ff, use_sdpa):
     assert not any(n.endswith(".bias") for n, _ in model.named_parameters())
 
 
+def test_stacks_blocks_and_attention_called_on_their_own():
+    """The layer API without the model around it: defaults (no mask, no cache, no cross mask) work and agree."""
+    torch.manual_seed(6)
+    model = T5ForConditionalGeneration(T5Config(**SMALL, relative_attention_num_buckets=8,
+                                                relative_attention_max_distance=10)).double().eval()
+    ids, dec = torch.randint(2, 50, (2, 7)), torch.randint(2, 50, (2, 5))
+    with torch.no_grad():
+        enc = model.encode(ids)
+        assert torch.equal(model.encoder(model.shared(ids)), enc)
+        want_dec = model.decoder_hidden_states(dec, enc)
+        assert torch.equal(model.decoder(model.shared(dec), context=enc), want_dec)
+        att = model.encoder.block[0].layer[0].SelfAttention
+        bias = att.position_bias(7, 7, 0, True)
+        h = model.shared(ids)
+        x = _rms(h, model.encoder.block[0].layer[0].layer_norm)
+        torch.testing.assert_close(att(x, bias), _attn(att, x, x, bias), rtol=0, atol=1e-10)
+        for blk in model.encoder.block:
+            h = blk(h, bias)
+        torch.testing.assert_close(model.encoder.final_layer_norm(h), enc, rtol=0, atol=1e-12)
+        att = model.decoder.block[0].layer[0].SelfAttention
+        causal = torch.ones(5, 5, dtype=torch.bool).tril()
+        bias = att.position_bias(5, 5, 0, False) + additive_mask(causal, torch.float64)
+        g = model.shared(dec)
+        for blk in model.decoder.block:
+            g = blk(g, bias, context=enc)
+        torch.testing.assert_close(model.decoder.final_layer_norm(g), want_dec, rtol=0, atol=1e-12)
+
+
 def test_cross_attention_mask_shape_is_checked():
     torch.manual_seed(2)
     model = T5ForConditionalGeneration(T5Config(**SMALL)).eval()
