@@ -183,3 +183,13 @@ def test_mean_pool_averages_real_tokens_only():
     assert mean_pool(h, torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist() == [[2.0, 3.0], [7.0, 8.0]]
     assert mean_pool(h, torch.tensor([[0, 0, 1], [1, 0, 0]])).tolist() == [[100.0, 100.0], [5.0, 6.0]]
     assert torch.allclose(mean_pool(h), torch.tensor([[104 / 3, 106 / 3], [7.0, 8.0]]))  # no mask: every position
+
+
+def test_unbiased_variance_of_exactly_two_entries():
+    # the smallest sample the unbiased estimate allows: ((a - m)² + (b - m)²) / (2 - 1) = (a - b)² / 2
+    x = torch.tensor([[3.0, 7.0, 100.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    assert masked_var(x, mask).item() == pytest.approx((3.0 - 7.0) ** 2 / 2, abs=1e-12)
+    assert masked_var(x, mask, unbiased=False).item() == pytest.approx(4.0, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        masked_var(x, torch.tensor([[0, 1, 0]]))

@@ -204,7 +204,8 @@ def test_cached_equals_uncached(S, T, split, seed, pad):
         for t in range(split, T):
             parts.append(model.decode(dec[:, t:t + 1], enc, mask, cache=cache))
     assert cache.seq_len == T and all(kv is not None for kv in cache.cross)
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+    # fp32 logits of size ~10: summation order differs between the two paths (1.05e-5 seen at S=11, T=12)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
 # ---------------- save / load ----------------
