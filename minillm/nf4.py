@@ -266,13 +266,19 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
 
 # byte -> (code of high nibble, code of low nibble): one table lookup decodes two values.
+_DEQUANT_CHUNK = 32768  # values per chunk of the fast dequantize (fp32 temporaries of 128 KiB)
 _PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], dim=1)  # (256, 2)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
                    fast: bool = True) -> torch.Tensor:
     """Undo quantize_nf4: NF4_CODE[q] · absmax in float32, then cast to the original dtype
-    (or `dtype`); returns the original shape."""
+    (or `dtype`); returns the original shape.
+
+    fast=False is the equation in three whole-tensor passes; fast=True gives the same bits, but
+    decodes two codes per byte with one table lookup and works through the blocks in chunks of
+    ~32K values, so the fp32 temporaries stay in cache and only the result is written to memory
+    (a QLoRA step dequantizes every weight three times: forward, recompute, backward)."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"dequantize_nf4: packed codes must be uint8, got {packed.dtype}")
     n = math.prod(state.shape)
@@ -280,17 +286,27 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
         raise ValueError(f"dequantize_nf4: {packed.numel()} packed bytes do not hold {n} values "
                          f"(shape {tuple(state.shape)} needs {(n + 1) // 2})")
     absmax = state.absmax.to(packed.device)
-    nblocks = absmax.numel()
-    if nblocks != -(-n // state.blocksize):
-        raise ValueError(f"dequantize_nf4: {nblocks} absmax values for {n} values in blocks of {state.blocksize}")
-    if fast:
-        vals = _PAIR_TABLE.to(packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)  # (2·bytes,)
-    else:
+    nblocks, bs = absmax.numel(), state.blocksize
+    if nblocks != -(-n // bs):
+        raise ValueError(f"dequantize_nf4: {nblocks} absmax values for {n} values in blocks of {bs}")
+    out_dtype = dtype or state.dtype
+    if not fast:
         vals = NF4_CODE.to(packed.device)[unpack_nibbles(packed.reshape(-1), n).long()]
-    pad = nblocks * state.blocksize - vals.numel()
-    vals = F.pad(vals, (0, pad)) if pad > 0 else vals[:nblocks * state.blocksize]
-    out = (vals.view(nblocks, state.blocksize) * absmax[:, None]).reshape(-1)[:n]  # (blocks, blocksize) -> flat
-    return out.reshape(state.shape).to(dtype or state.dtype)
+        vals = F.pad(vals, (0, nblocks * bs - n))
+        out = (vals.view(nblocks, bs) * absmax[:, None]).reshape(-1)[:n]  # (blocks, blocksize) -> flat
+        return out.reshape(state.shape).to(out_dtype)
+    table, codes = _PAIR_TABLE.to(packed.device), packed.reshape(-1)
+    out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    step = max(1, _DEQUANT_CHUNK // bs)  # blocks per chunk; block sizes are even, so chunks start on a byte
+    for b0 in range(0, nblocks, step):
+        b1 = min(nblocks, b0 + step)
+        v0, v1 = b0 * bs, min(n, b1 * bs)  # the values of blocks b0..b1-1
+        vals = table.index_select(0, codes[v0 // 2:(v1 + 1) // 2].int()).view(-1)  # (2·bytes,) fp32
+        if vals.numel() != (b1 - b0) * bs:  # the short last block (and an odd count's pad nibble)
+            vals = F.pad(vals[:v1 - v0], (0, (b1 - b0) * bs - (v1 - v0)))
+        vals = vals.view(b1 - b0, bs).mul_(absmax[b0:b1, None])  # (blocks, blocksize)
+        out[v0:v1].copy_(vals.view(-1)[:v1 - v0])
+    return out.reshape(state.shape)
 
 
 def nf4_nbytes(packed: torch.Tensor, state: NF4State) -> int:
@@ -374,8 +390,9 @@ class Linear4bit(nn.Module):
 
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(out, in): the stored dtype's dequantization (bit-exact with bitsandbytes), then `dtype`."""
-        w = dequantize_nf4(self.weight_packed, self.state)
-        return w if dtype is None else w.to(dtype)
+        if dtype is None or dtype == self.weight_dtype or self.weight_dtype == torch.float32:
+            return dequantize_nf4(self.weight_packed, self.state, dtype)  # one rounding: fp32 -> dtype
+        return dequantize_nf4(self.weight_packed, self.state).to(dtype)  # rounded to the stored dtype first
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Re-quantize a new full-precision weight into this layer (same block size and double quant)."""

@@ -300,3 +300,16 @@ def test_live_bitsandbytes_double_quant_many_blocks():
     assert torch.equal(packed, p_ref.reshape(-1))
     assert torch.equal(state.absmax_codes, s_ref.absmax) and torch.equal(state.nested_absmax, s_ref.state2.absmax)
     assert torch.equal(dequantize_nf4(packed, state), BF.dequantize_4bit(p_ref, s_ref, quant_type="nf4"))
+
+
+@pytest.mark.parametrize("n,bs", [(3 * 32768 + 64 * 5 + 7, 64), (32768 * 2 + 1, 32), (4096 * 9 - 3, 4096), (100, 64)])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_chunked_dequantize_equals_written_out(n, bs, dtype):
+    """The fast dequantize works through the blocks in chunks: several chunks, a short last block and an
+    odd count's pad nibble give the same bits as the whole-tensor equation, cast once to `dtype`."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.05
+    packed, state = quantize_nf4(x, bs)
+    slow = dequantize_nf4(packed, state, fast=False)
+    fast = dequantize_nf4(packed, state, dtype=dtype)
+    assert fast.dtype == (dtype or torch.float32) and fast.shape == x.shape
+    assert torch.equal(fast, slow.to(fast.dtype))
