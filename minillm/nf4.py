@@ -436,8 +436,8 @@ def memory_report(model: nn.Module) -> dict:
             q_bytes += m.weight_nbytes()
     other = {id(p): p for p in model.parameters()}
     other_bytes = sum(p.numel() * p.element_size() for p in other.values())
-    other_bytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" not in "." + n
-                       and not n.startswith("weight_"))
+    other_bytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                       if ".weight_" not in "." + n)  # a 4-bit layer's buffers, top-level ones included
     return {"nf4_params": q_params, "nf4_bytes": q_bytes,
             "nf4_bytes_per_param": q_bytes / q_params if q_params else float("nan"),
             "other_bytes": other_bytes, "total_bytes": q_bytes + other_bytes}
