@@ -137,7 +137,11 @@ def _quantize_blockwise_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Ten
     padded = F.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)  # (blocks, blocksize); pads are 0
     absmax = padded.abs().amax(dim=1)                                          # (blocks,)
     inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)                          # reciprocal, then multiply
-    v = (padded * inv[:, None]).clamp_(-1.0, 1.0)
+    v = padded * inv[:, None]
+    big = torch.isinf(inv)  # absmax < 2^-128 (tiny weights): 1/absmax overflows and 0·inf is NaN; divide there
+    if bool(big.any()):
+        v = torch.where(big[:, None], padded / absmax[:, None], v)
+    v = v.clamp_(-1.0, 1.0)
     step = v.add_(1.0).mul_(0.5).mul_(_LUT_SIZE - 1).add_(0.5).to(torch.int32)  # ((v+1)·0.5)·65535 + 0.5, truncated
     codes = _DYNAMIC_LUT.to(x.device).index_select(0, step.view(-1)).view(nblocks, blocksize)
     codes[absmax == 0] = 0  # an all-zero block stores code 0 everywhere (bitsandbytes' memset)

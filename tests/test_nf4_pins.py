@@ -295,3 +295,47 @@ def test_dynamic_map_with_an_extra_item():
     vals = m.tolist()
     assert vals.count(pytest.approx(0.55, rel=1e-6)) >= 1 and vals.count(pytest.approx(-0.55, rel=1e-6)) >= 1
     assert m.max().item() == 1.0 and m[0].item() == pytest.approx(-(1 - 0.9 / 128), rel=1e-6)
+
+
+def test_backward_keeps_no_dequantized_weight():
+    # QLoRA's memory promise: between forward and backward only the 4-bit codes are held, never the (out, in)
+    # float weight; checked by recording what autograd saves for the backward pass
+    torch.manual_seed(0)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    for bias in (True, False):
+        q = Linear4bit.from_linear(nn.Linear(64, 5, bias=bias))
+        if bias:
+            q.bias.requires_grad_(False)
+        x = torch.randn(3, 64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = q(x)
+            q(torch.randn(3, 64))  # nothing needs a gradient: a plain forward
+        y.sum().backward()
+        assert (5, 64) not in saved and (64, 5) not in saved, saved
+        torch.testing.assert_close(x.grad, torch.ones(3, 5) @ q.dequantize_weight(), atol=1e-5, rtol=1e-5)
+
+
+def test_double_quant_of_tiny_weights():
+    # weights around 1e-39: the block scales minus their mean are below 2^-128, whose reciprocal overflows
+    # float32; they used to give NaN step indices and an IndexError. Now quantized like any other scales.
+    codes, absmax = quantize_blockwise_8bit(torch.tensor([1e-41, -1e-41, 0.0, 0.5e-41]))
+    back = dequantize_blockwise_8bit(codes, absmax)
+    assert back[0].item() == absmax.item()  # the largest value is stored exactly (code 1.0)
+    assert (back - torch.tensor([1e-41, -1e-41, 0.0, 0.5e-41])).abs().max().item() <= 0.02 * absmax.item()
+    w = torch.randn(64 * 8, generator=torch.Generator().manual_seed(0)) * 1e-39
+    packed, state = quantize_nf4(w, 64, double_quant=True)
+    assert torch.isfinite(dequantize_nf4(packed, state)).all()
+
+
+def test_dequantize_with_a_hand_made_state_of_odd_block_size():
+    # a state not made by quantize_nf4 (block size 3): the decoded codes are padded or cut to whole blocks
+    from minillm.nf4 import NF4State
+    for codes, absmax, want in (([0, 15], [2.0], [-2.0, 2.0]), ([0, 7, 15], [2.0], [-2.0, 0.0, 2.0])):
+        st = NF4State(shape=torch.Size([len(codes)]), dtype=torch.float32, blocksize=3,
+                      absmax_f32=torch.tensor(absmax))
+        assert dequantize_nf4(pack_nibbles(torch.tensor(codes)), st).tolist() == want
