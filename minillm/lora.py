@@ -445,7 +445,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], allow_non
                 continue
             m.alpha, m.use_rslora = alpha, rslora
             m.scaling = alpha / math.sqrt(m.r) if rslora else alpha / m.r
-    if existing and hasattr(model, "lora_config"):  # save_adapter writes what is loaded now, not the first adapter
+    if hasattr(model, "lora_config"):  # save_adapter writes what is loaded now (into wrapped layers: not the first)
         model.lora_config.update(lora_alpha=alpha, use_rslora=rslora)
     return model
 

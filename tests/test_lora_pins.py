@@ -496,3 +496,17 @@ def test_load_second_adapter_into_wrapped_layers(tmp_path):
     merge_lora(model)
     with pytest.raises(ValueError, match="merged"):
         load_adapter(model, d)
+
+
+def test_load_adapter_into_hand_made_wrappers(tmp_path):
+    model = Head()
+    model.fc = LoRALinear(model.fc, r=2, alpha=1)  # wrapped by hand: no lora_config
+    lin = model.fc.base_layer
+    t = head_tensors(seed=7)
+    d = write_adapter(tmp_path, {"r": 2, "lora_alpha": 6, "target_modules": ["fc"]}, t)
+    assert load_adapter(model, d) is model and model.fc.scaling == 3.0
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), by_hand(lin, t["base_model.model.fc.lora_A.weight"],
+                                                     t["base_model.model.fc.lora_B.weight"], 3.0, x),
+                                   atol=1e-5, rtol=1e-5)
