@@ -69,7 +69,7 @@ def test_linear4bit_built_without_bias():
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
     packed, state = quantize_nf4(w)
     q = Linear4bit(64, 4, packed, state)
-    assert q.bias is None
+    assert q.bias is None and q.compute_dtype is None
     x = torch.randn(2, 64)
     with torch.no_grad():
         torch.testing.assert_close(q(x), x @ nf4_by_hand(w, 64).T, atol=1e-5, rtol=1e-5)
@@ -339,3 +339,13 @@ def test_dequantize_with_a_hand_made_state_of_odd_block_size():
         st = NF4State(shape=torch.Size([len(codes)]), dtype=torch.float32, blocksize=3,
                       absmax_f32=torch.tensor(absmax))
         assert dequantize_nf4(pack_nibbles(torch.tensor(codes)), st).tolist() == want
+
+
+def test_dynamic_map_padded_with_zeros():
+    # unsigned, 4 exponent bits of 7: decades 10^-3..10^0 with 16, 32, 64, 128 points (240), 2^3 - 1 = 7 extra
+    # points in the last decade (midpoints of linspace(0.1, 1, 8)), 0 and 1: 249 values, padded with 7 zeros
+    m = create_dynamic_map(signed=False, max_exponent_bits=4)
+    assert m.numel() == 256 and (m == 0).sum().item() == 8 and m.max().item() == 1.0
+    extra = [0.1 + 0.9 / 7 * (k + 0.5) for k in range(7)]
+    vals = m.tolist()
+    assert all(vals.count(pytest.approx(e, rel=1e-6)) >= 1 for e in extra)
