@@ -79,3 +79,13 @@ def test_format_table_rows():
     assert rows[2].split() == ["fp16", "1", "5", "10", "2", "65504", "0.000977", "3.140625"]
     assert rows[3].split() == ["bf16", "1", "8", "7", "2", "3.3895e+38", "0.00781", "3.140625"]
     assert rows[4].split() == ["int8", "1", "-", "7", "1", "127", "1", "3"]
+
+
+
+def test_absmax_codes_stay_within_127_for_tiny_tensors():
+    # max|x| below ~3.7e-37: 127 / max|x| overflows float32 to inf; the codes still keep the symmetric range
+    q, s = absmax_quantize(torch.tensor([1e-45, -1e-45]))
+    assert q.tolist() == [127, -127]
+    q, s = absmax_quantize(torch.tensor([4e-37, -1e-37]))  # just above: a finite scale; -31.75 -> -32
+    assert q.tolist() == [127, -32] and torch.isfinite(s)
+    torch.testing.assert_close(absmax_dequantize(q, s), torch.tensor([4e-37, -1e-37]), rtol=1e-2, atol=0)
