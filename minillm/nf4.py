@@ -80,9 +80,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     if additional_items > 0:
         boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        # in the last decade: bitsandbytes scales by 10^(-(max_exponent_bits - 1) + i) with the loop's last i,
+        # which is 10^0 = 1
+        data += means.tolist()
         if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+            data += (-means).tolist()
     data += [0.0, 1.0]
     data += [0.0] * (2 ** total_bits - len(data))
     data.sort()
