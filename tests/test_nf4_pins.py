@@ -349,3 +349,12 @@ def test_dynamic_map_padded_with_zeros():
     extra = [0.1 + 0.9 / 7 * (k + 0.5) for k in range(7)]
     vals = m.tolist()
     assert all(vals.count(pytest.approx(e, rel=1e-6)) >= 1 for e in extra)
+
+
+def test_quantize_model_checks_the_block_size_even_with_nothing_to_quantize():
+    model = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(ValueError, match="unsupported NF4 block size 48"):
+        quantize_model(model, skip=["0"], blocksize=48)  # every linear skipped: a bad argument is still an error
+    with pytest.raises(ValueError, match="unsupported NF4 block size 48"):
+        quantize_model(nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8)), blocksize=48)
+    assert type(model[0]) is nn.Linear
