@@ -149,8 +149,9 @@ def _find_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -
         raise ValueError(f"target_modules {target_modules!r} matched modules that are not linear layers: "
                          f"{', '.join(not_linear[:5])}{' ...' if len(not_linear) > 5 else ''}")
     if not found:
-        names = sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, (nn.Linear, Linear4bit)) and n not in inside_lora})
+        names = sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules()  # an adapter counts as its layer
+                        if isinstance(m, (nn.Linear, Linear4bit, LoRALinear))
+                        and not any(n.startswith(p + ".") for p in inside_lora)})
         raise ValueError(f"target_modules {target_modules!r} matched no module of {type(model).__name__}; "
                          f"its linear layers are named: {', '.join(names)}")
     return found
@@ -444,6 +445,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], allow_non
                 continue
             m.alpha, m.use_rslora = alpha, rslora
             m.scaling = alpha / math.sqrt(m.r) if rslora else alpha / m.r
+    if hasattr(model, "lora_config"):  # save_adapter writes what is loaded now (into wrapped layers: not the first)
+        model.lora_config.update(lora_alpha=alpha, use_rslora=rslora)
     return model
 
 

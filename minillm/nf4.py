@@ -80,9 +80,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     if additional_items > 0:
         boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        # in the last decade: bitsandbytes scales by 10^(-(max_exponent_bits - 1) + i) with the loop's last i,
+        # which is 10^0 = 1
+        data += means.tolist()
         if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+            data += (-means).tolist()
     data += [0.0, 1.0]
     data += [0.0] * (2 ** total_bits - len(data))
     data.sort()
@@ -137,7 +139,11 @@ def _quantize_blockwise_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Ten
     padded = F.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)  # (blocks, blocksize); pads are 0
     absmax = padded.abs().amax(dim=1)                                          # (blocks,)
     inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)                          # reciprocal, then multiply
-    v = (padded * inv[:, None]).clamp_(-1.0, 1.0)
+    v = padded * inv[:, None]
+    big = torch.isinf(inv)  # absmax < 2^-128 (tiny weights): 1/absmax overflows and 0·inf is NaN; divide there
+    if bool(big.any()):
+        v = torch.where(big[:, None], padded / absmax[:, None], v)
+    v = v.clamp_(-1.0, 1.0)
     step = v.add_(1.0).mul_(0.5).mul_(_LUT_SIZE - 1).add_(0.5).to(torch.int32)  # ((v+1)·0.5)·65535 + 0.5, truncated
     codes = _DYNAMIC_LUT.to(x.device).index_select(0, step.view(-1)).view(nblocks, blocksize)
     codes[absmax == 0] = 0  # an all-zero block stores code 0 everywhere (bitsandbytes' memset)
@@ -453,8 +459,8 @@ def memory_report(model: nn.Module) -> dict:
             q_bytes += m.weight_nbytes()
     other = {id(p): p for p in model.parameters()}
     other_bytes = sum(p.numel() * p.element_size() for p in other.values())
-    other_bytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" not in "." + n
-                       and not n.startswith("weight_"))
+    other_bytes += sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                       if ".weight_" not in "." + n)  # a 4-bit layer's buffers, top-level ones included
     return {"nf4_params": q_params, "nf4_bytes": q_bytes,
             "nf4_bytes_per_param": q_bytes / q_params if q_params else float("nan"),
             "other_bytes": other_bytes, "total_bytes": q_bytes + other_bytes}

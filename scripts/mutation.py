@@ -48,13 +48,14 @@ PKG = REPO / "minillm"
 # file (relative to minillm/) -> the test files that exercise it (found by grepping the tests' imports;
 # only the files that test the module's math directly, so a mutant runs in seconds).
 FILE_TESTS: dict[str, list[str]] = {
+    # the fast pin file first, so that (under -x) a mutant only it kills stops early
     "attention.py": ["tests/test_attention_pins.py", "tests/test_attention.py", "tests/test_gpt2.py"],
     "generation.py": ["tests/test_generation_pins.py", "tests/test_generation.py"],
-    "lora.py": ["tests/test_lora.py", "tests/test_lora_pins.py"],
-    "nf4.py": ["tests/test_nf4.py", "tests/test_nf4_pins.py"],
+    "lora.py": ["tests/test_lora_pins.py", "tests/test_lora.py"],
+    "nf4.py": ["tests/test_nf4_pins.py", "tests/test_nf4.py"],
     # test_bert/test_reward/test_vqa also use losses.py but take 70-90 s each on 2 cores: left out
     "losses.py": ["tests/test_losses_pins.py", "tests/test_loop.py", "tests/test_ppo.py"],
-    "formats.py": ["tests/test_formats.py", "tests/test_formats_pins.py"],
+    "formats.py": ["tests/test_formats_pins.py", "tests/test_formats.py"],
     "rlhf/gae.py": ["tests/test_ppo.py", "tests/test_rlhf_pins.py"],
     "rlhf/kl.py": ["tests/test_ppo.py", "tests/test_rlhf_pins.py"],
     "rlhf/reward.py": ["tests/test_reward_pins.py"],  # test_reward.py (~70 s, CLI-level) left out for speed
