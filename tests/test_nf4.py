@@ -302,7 +302,7 @@ def test_live_bitsandbytes_double_quant_many_blocks():
     assert torch.equal(dequantize_nf4(packed, state), BF.dequantize_4bit(p_ref, s_ref, quant_type="nf4"))
 
 
-@pytest.mark.parametrize("n,bs", [(3 * 32768 + 64 * 5 + 7, 64), (32768 * 2 + 1, 32), (4096 * 9 - 3, 4096), (100, 64)])
+@pytest.mark.parametrize("n,bs", [(3 * 65536 + 64 * 5 + 7, 64), (65536 * 2 + 1, 32), (4096 * 9 - 3, 4096), (100, 64)])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_chunked_dequantize_equals_written_out(n, bs, dtype):
     """The fast dequantize works through the blocks in chunks: several chunks, a short last block and an
@@ -313,3 +313,16 @@ def test_chunked_dequantize_equals_written_out(n, bs, dtype):
     fast = dequantize_nf4(packed, state, dtype=dtype)
     assert fast.dtype == (dtype or torch.float32) and fast.shape == x.shape
     assert torch.equal(fast, slow.to(fast.dtype))
+
+
+def test_chunked_dequantize_with_an_odd_block_size():
+    """A hand-made state with blocks of 3 values (not a bitsandbytes size): chunks of an odd number of
+    blocks would start mid-byte; the fast path must still decode every value as the written-out one."""
+    n, bs = 65536 * 2 + 11, 3
+    codes = torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(0))
+    absmax = torch.rand(-(-n // bs), generator=torch.Generator().manual_seed(1)) + 0.5
+    state = NF4State(shape=torch.Size([n]), dtype=torch.float32, blocksize=bs, absmax_f32=absmax)
+    packed = pack_nibbles(codes)
+    expected = NF4_CODE[codes] * absmax.repeat_interleave(bs)[:n]  # the equation, value by value
+    assert torch.equal(dequantize_nf4(packed, state), expected)
+    assert torch.equal(dequantize_nf4(packed, state, fast=False), expected)
