@@ -272,7 +272,7 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
 
 # byte -> (code of high nibble, code of low nibble): one table lookup decodes two values.
-_DEQUANT_CHUNK = 65536  # values per chunk of the fast dequantize (fp32 temporaries of 256 KiB, cache-sized)
+_DEQUANT_CHUNK = 262144  # values per chunk of the fast dequantize (an fp32 temporary of 1 MiB)
 _PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], dim=1)  # (256, 2)
 
 
@@ -281,10 +281,11 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     """Undo quantize_nf4: NF4_CODE[q] · absmax in float32, then cast to the original dtype
     (or `dtype`); returns the original shape.
 
-    fast=False is the equation in three whole-tensor passes; fast=True gives the same bits, but
-    decodes two codes per byte with one table lookup and works through the blocks in chunks of
-    ~64K values, so the fp32 temporaries stay in cache and only the result is written to memory
-    (a QLoRA step dequantizes every weight three times: forward, recompute, backward)."""
+    fast=False is the equation in whole-tensor passes; fast=True gives the same bits, but decodes
+    two codes per byte with one 8-byte table lookup and works through the blocks in chunks of ~256K
+    values, multiplying straight into the output (the fp32 product rounded once to `dtype`), so only
+    the result is written to memory in full: a QLoRA step dequantizes every weight three times
+    (forward, recompute, backward), and this is most of what the 4-bit format costs."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"dequantize_nf4: packed codes must be uint8, got {packed.dtype}")
     n = math.prod(state.shape)
@@ -301,17 +302,19 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
         vals = F.pad(vals, (0, nblocks * bs - n))
         out = (vals.view(nblocks, bs) * absmax[:, None]).reshape(-1)[:n]  # (blocks, blocksize) -> flat
         return out.reshape(state.shape).to(out_dtype)
-    table, codes = _PAIR_TABLE.to(packed.device), packed.reshape(-1)
-    out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    # The pair table as one 8-byte word per byte value: one gather per byte yields its two fp32 values.
+    table, codes = _PAIR_TABLE.view(torch.int64).reshape(256).to(packed.device), packed.reshape(-1)
+    out, absmax = torch.empty(n, dtype=out_dtype, device=packed.device), absmax.detach()  # codes have no gradient
     step = max(2, _DEQUANT_CHUNK // bs // 2 * 2)  # blocks per chunk, even: every chunk starts on a byte boundary
     for b0 in range(0, nblocks, step):
         b1 = min(nblocks, b0 + step)
-        v0, v1 = b0 * bs, min(n, b1 * bs)  # the values of blocks b0..b1-1
-        vals = table.index_select(0, codes[v0 // 2:(v1 + 1) // 2].int()).view(-1)  # (2·bytes,) fp32
-        if vals.numel() != (b1 - b0) * bs:  # the short last block (and an odd count's pad nibble)
-            vals = F.pad(vals[:v1 - v0], (0, (b1 - b0) * bs - (v1 - v0)))
-        vals = vals.view(b1 - b0, bs).mul_(absmax[b0:b1, None])  # (blocks, blocksize)
-        out[v0:v1].copy_(vals.view(-1)[:v1 - v0])
+        k, v0, v1 = b1 - b0, b0 * bs, min(n, b1 * bs)  # blocks b0..b1-1 hold values v0..v1-1
+        vals = table.index_select(0, codes[v0 // 2:(v1 + 1) // 2].int()).view(torch.float32)  # (2·bytes,)
+        if v1 - v0 == k * bs == vals.numel():  # whole blocks: the fp32 product, rounded once into `out`
+            torch.mul(vals.view(k, bs), absmax[b0:b1, None], out=out[v0:v1].view(k, bs))
+        else:  # the short last block (and an odd count's pad nibble)
+            vals = F.pad(vals[:v1 - v0], (0, k * bs - (v1 - v0))).view(k, bs) * absmax[b0:b1, None]
+            out[v0:v1] = vals.view(-1)[:v1 - v0]
     return out.reshape(state.shape)
 
 
