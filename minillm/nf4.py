@@ -306,10 +306,15 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     table, codes = _PAIR_TABLE.view(torch.int64).reshape(256).to(packed.device), packed.reshape(-1)
     out, absmax = torch.empty(n, dtype=out_dtype, device=packed.device), absmax.detach()  # codes have no gradient
     step = max(2, _DEQUANT_CHUNK // bs // 2 * 2)  # blocks per chunk, even: every chunk starts on a byte boundary
+    # two scratch buffers reused by every chunk (a fresh 1 MiB allocation per chunk costs page faults)
+    index = torch.empty(min(codes.numel(), step * bs // 2), dtype=torch.int32, device=packed.device)
+    words = torch.empty(index.numel(), dtype=torch.int64, device=packed.device)
     for b0 in range(0, nblocks, step):
         b1 = min(nblocks, b0 + step)
         k, v0, v1 = b1 - b0, b0 * bs, min(n, b1 * bs)  # blocks b0..b1-1 hold values v0..v1-1
-        vals = table.index_select(0, codes[v0 // 2:(v1 + 1) // 2].int()).view(torch.float32)  # (2·bytes,)
+        nb = (v1 + 1) // 2 - v0 // 2  # bytes of this chunk
+        index[:nb].copy_(codes[v0 // 2:v0 // 2 + nb])
+        vals = torch.index_select(table, 0, index[:nb], out=words[:nb]).view(torch.float32)  # (2·bytes,)
         if v1 - v0 == k * bs == vals.numel():  # whole blocks: the fp32 product, rounded once into `out`
             torch.mul(vals.view(k, bs), absmax[b0:b1, None], out=out[v0:v1].view(k, bs))
         else:  # the short last block (and an odd count's pad nibble)
