@@ -172,6 +172,13 @@ def test_adaptive_controller_rejects_a_zero_target():
         AdaptiveKLController(0.2, target=1.0, horizon=0.0)
 
 
+def test_adaptive_controller_accepts_any_positive_target_and_horizon():
+    # a KL target below one nat and a horizon of one sample are legitimate settings
+    c = AdaptiveKLController(0.2, target=0.5, horizon=1)
+    c.update(0.6, n_steps=1)  # e = clip(0.6/0.5 - 1, -0.2, 0.2) = 0.2; beta = 0.2 * (1 + 0.2 * 1/1)
+    assert c.value == pytest.approx(0.24, rel=1e-12)
+
+
 def test_dpo_from_models_default_beta():
     from minillm.rlhf.dpo import dpo_loss_from_models
     torch.manual_seed(1)
