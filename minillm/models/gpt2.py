@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 
 from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
-from minillm.models.layers import ACTIVATIONS, check_input_ids
+from minillm.models.layers import ACTIVATIONS, check_input_ids, resize_vocab
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
                                split_heads)
 
@@ -275,26 +275,9 @@ class GPT2LMHeadModel(nn.Module):
 
     # ---- resizing (new special tokens) ----
     def resize_token_embeddings(self, new_size: int) -> None:
-        """Grow (or shrink) the vocabulary; new rows get the mean of the existing embeddings."""
-        old = self.transformer.wte.weight
-        n_old = old.shape[0]
-        emb = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
-        with torch.no_grad():
-            emb.weight[:min(n_old, new_size)] = old[:min(n_old, new_size)]
-            if new_size > n_old:
-                emb.weight[n_old:] = old.mean(dim=0, keepdim=True)
-        self.transformer.wte = emb
-        if self.config.tie_word_embeddings:
-            self.lm_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
-            self.lm_head.weight = emb.weight
-        else:
-            head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
-            with torch.no_grad():
-                k = min(n_old, new_size)
-                head.weight[:k] = self.lm_head.weight[:k]
-                if new_size > n_old:
-                    head.weight[n_old:] = self.lm_head.weight.mean(dim=0, keepdim=True)
-            self.lm_head = head
+        """Grow (or shrink) the vocabulary; new rows get the mean of the existing embeddings (the head's too)."""
+        self.transformer.wte, self.lm_head = resize_vocab(self.transformer.wte, self.lm_head, new_size,
+                                                          self.config.tie_word_embeddings)
         self.config.vocab_size = new_size
 
     # ---- hub I/O ----

@@ -90,6 +90,29 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int, max_positions: Opt
                          f"{max_positions} positions")
 
 
+def resize_vocab(emb: nn.Embedding, head: nn.Linear, new_size: int, tied: bool) -> tuple[nn.Embedding, nn.Linear]:
+    """A new embedding and (bias-free) LM head with `new_size` rows: existing rows kept, new rows the mean of
+    the old ones (so new tokens start as an "average" token); a tied head shares the new embedding."""
+    def resized(old: torch.Tensor) -> torch.Tensor:  # (V, C) -> (new_size, C)
+        w = old.new_empty(new_size, old.shape[1])
+        k = min(old.shape[0], new_size)
+        w[:k] = old[:k]
+        if new_size > old.shape[0]:
+            w[old.shape[0]:] = old.mean(dim=0, keepdim=True)
+        return w
+
+    old = emb.weight
+    with torch.no_grad():
+        new_emb = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
+        new_emb.weight.copy_(resized(old))
+        new_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        if tied:
+            new_head.weight = new_emb.weight
+        else:
+            new_head.weight.copy_(resized(head.weight))
+    return new_emb, new_head
+
+
 def key_mask(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
     """Check a (B, T) 1/0 attention mask; None when absent or all ones (no key is hidden: the fused kernel
     then runs unmasked), else the bool (B, 1, 1, T) mask, True at real tokens."""

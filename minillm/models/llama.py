@@ -44,7 +44,7 @@ from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
 from minillm.attention import KVCache, causal_mask, padding_mask, scaled_dot_product_attention
 from minillm.models.gpt2 import positions_from_mask
-from minillm.models.layers import activation, check_input_ids
+from minillm.models.layers import activation, check_input_ids, resize_vocab
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -407,23 +407,8 @@ class LlamaForCausalLM(nn.Module):
 
     def resize_token_embeddings(self, new_size: int) -> None:
         """Grow (or shrink) the vocabulary; new rows get the mean of the existing ones (the head's too)."""
-        def resized(old: torch.Tensor) -> torch.Tensor:
-            w = old.new_empty(new_size, old.shape[1])
-            k = min(old.shape[0], new_size)
-            w[:k] = old[:k]
-            if new_size > old.shape[0]:
-                w[old.shape[0]:] = old.mean(dim=0, keepdim=True)
-            return w
-        old_emb = self.model.embed_tokens.weight
-        with torch.no_grad():
-            emb = nn.Embedding(new_size, old_emb.shape[1], device=old_emb.device, dtype=old_emb.dtype)
-            emb.weight.copy_(resized(old_emb))
-            head = nn.Linear(old_emb.shape[1], new_size, bias=False, device=old_emb.device, dtype=old_emb.dtype)
-            if self.config.tie_word_embeddings:
-                head.weight = emb.weight
-            else:
-                head.weight.copy_(resized(self.lm_head.weight))
-        self.model.embed_tokens, self.lm_head = emb, head
+        self.model.embed_tokens, self.lm_head = resize_vocab(self.model.embed_tokens, self.lm_head, new_size,
+                                                             self.config.tie_word_embeddings)
         self.config.vocab_size = new_size
 
     # ---- hub I/O ----
