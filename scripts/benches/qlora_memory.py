@@ -74,13 +74,6 @@ def _child(mode: str, layers: int) -> dict:
     return r
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _build_minillm(mode: str, layers: int, dtype):
     from minillm.lora import apply_lora
     from minillm.models.llama import LlamaConfig, LlamaForCausalLM
@@ -115,19 +108,17 @@ def _build_peft(layers: int, dtype):
 
 
 def memory_child(mode: str, layers: int) -> dict:
-    import ctypes
-    import gc
-
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
+    from quant import reset_peak_rss, rss_kb  # the same peak measurement as the GPT-2 memory rows (this script's folder)
     from minillm.demos.rlhf_demo import compute_dtype
     from minillm.lora import count_parameters
 
     torch.manual_seed(0)
     dtype = compute_dtype() if mode != "full" else None
-    base_kb = _rss_kb("VmRSS")
+    base_kb = rss_kb("VmRSS")
     model, fwd = _build_peft(layers, dtype) if mode == "peft-qlora" else _build_minillm(mode, layers, dtype)
     if mode == "peft-qlora":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -138,16 +129,7 @@ def memory_child(mode: str, layers: int) -> dict:
     model.train()
     ids = torch.randint(0, TINYLLAMA["vocab_size"], (1, SEQ))
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1).reshape(-1)
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    method = "RSS peak (VmHWM reset via /proc/self/clear_refs) minus RSS before building the model"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        method = "ru_maxrss over the whole process (could not reset the peak) minus RSS before building"
+    method = reset_peak_rss()
     times = []
     for _ in range(1 + STEPS_TIMED):
         t = time.perf_counter()
@@ -158,7 +140,7 @@ def memory_child(mode: str, layers: int) -> dict:
         opt.step()
         del logits, loss
         times.append(time.perf_counter() - t)
-    peak_kb = _rss_kb("VmHWM")
+    peak_kb = rss_kb("VmHWM")
     return {"mode": mode, "layers": layers, "step_mb": (peak_kb - base_kb) / 1024, "step_s": statistics.median(times[1:]),
             "trainable": trainable, "params": total, "method": method,
             "compute": "bf16" if dtype == torch.bfloat16 else "fp32", "threads": torch.get_num_threads()}

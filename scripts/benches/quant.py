@@ -106,17 +106,32 @@ def _child(mode: str, batch: int, checkpointing: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_kb(field: str) -> int:
+def rss_kb(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in kB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(mode: str, batch: int = 4, checkpointing: bool = False) -> dict:
+def reset_peak_rss() -> str:
+    """Free the construction temporaries (gc + malloc_trim) and reset VmHWM, so that the peak read after the
+    training steps is theirs; returns how the peak is measured (for the row's note)."""
     import ctypes
     import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return "ru_maxrss over the whole process (could not reset the peak) minus RSS before building"
+    return "RSS peak (VmHWM reset via /proc/self/clear_refs) minus RSS before building the model"
 
+
+def memory_child(mode: str, batch: int = 4, checkpointing: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -126,7 +141,7 @@ def memory_child(mode: str, batch: int = 4, checkpointing: bool = False) -> dict
     from minillm.nf4 import quantize_model
 
     torch.manual_seed(0)
-    base_kb = _rss_kb("VmRSS")
+    base_kb = rss_kb("VmRSS")
     cfg = GPT2Config(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
     model = GPT2LMHeadModel(cfg)
     if mode == "qlora":
@@ -140,17 +155,8 @@ def memory_child(mode: str, batch: int = 4, checkpointing: bool = False) -> dict
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (batch, 128))
     labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1).reshape(-1)  # next token; last ignored
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    method = "RSS peak (VmHWM reset via /proc/self/clear_refs) minus RSS before building the model"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        method = "ru_maxrss over the whole process (could not reset the peak) minus RSS before building"
-    before_step_kb = _rss_kb("VmRSS")
+    method = reset_peak_rss()
+    before_step_kb = rss_kb("VmRSS")
     for _ in range(2):
         logits = model(ids)
         loss = F.cross_entropy(logits.view(-1, cfg.vocab_size), labels)
@@ -158,7 +164,7 @@ def memory_child(mode: str, batch: int = 4, checkpointing: bool = False) -> dict
         loss.backward()
         opt.step()
         del logits, loss
-    peak_kb = _rss_kb("VmHWM")
+    peak_kb = rss_kb("VmHWM")
     return {"mode": mode, "batch": batch, "step_mb": (peak_kb - base_kb) / 1024, "resident_before_step_mb": (before_step_kb - base_kb) / 1024,
             "trainable": trainable, "params": total, "method": method}
 
