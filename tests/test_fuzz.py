@@ -243,6 +243,18 @@ def _fresh_model_and_opt():
     return model, opt
 
 
+def _resume_refused_or_done(root, kind: str) -> None:
+    """Resume a fresh model and optimizer from `root`: either it loads, or it raises a documented error and
+    the model, the optimizer and torch's RNG are exactly as before."""
+    model, opt = _fresh_model_and_opt()
+    snap, opt_before, rng_before = snapshot(model), json.dumps(opt.state_dict()["param_groups"]), _rng_snapshot()
+    out = run(kind, lambda: load_checkpoint(root, model, opt))
+    if isinstance(out, Exception):
+        assert_unchanged(model, snap)
+        assert not opt.state and json.dumps(opt.state_dict()["param_groups"]) == opt_before
+        assert torch.equal(torch.get_rng_state(), rng_before[0])
+
+
 def _rng_snapshot():
     import random
 
@@ -260,13 +272,7 @@ def test_corrupted_latest_json(saved_run, content):
     try:
         (root / "latest.json").write_text(content, encoding="utf-8", errors="surrogateescape") \
             if isinstance(content, str) else None
-        model, opt = _fresh_model_and_opt()
-        snap, opt_before, rng_before = snapshot(model), json.dumps(opt.state_dict()["param_groups"]), _rng_snapshot()
-        out = run("latest.json", lambda: load_checkpoint(root, model, opt))
-        if isinstance(out, Exception):
-            assert_unchanged(model, snap)
-            assert not opt.state and json.dumps(opt.state_dict()["param_groups"]) == opt_before
-            assert torch.equal(torch.get_rng_state(), rng_before[0])
+        _resume_refused_or_done(root, "latest.json")
     finally:
         shutil.rmtree(root.parent)
 
@@ -292,13 +298,7 @@ def test_corrupted_trainer_state(saved_run, edit, sub, value):
         else:
             state[key] = v
         path.write_text(json.dumps(state))
-        model, opt = _fresh_model_and_opt()
-        snap, opt_before, rng_before = snapshot(model), json.dumps(opt.state_dict()["param_groups"]), _rng_snapshot()
-        out = run("trainer_state.json", lambda: load_checkpoint(root, model, opt))
-        if isinstance(out, Exception):
-            assert_unchanged(model, snap)
-            assert not opt.state and json.dumps(opt.state_dict()["param_groups"]) == opt_before
-            assert torch.equal(torch.get_rng_state(), rng_before[0])
+        _resume_refused_or_done(root, "trainer_state.json")
     finally:
         shutil.rmtree(root.parent)
 
