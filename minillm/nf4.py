@@ -272,8 +272,8 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
 
 # byte -> (code of high nibble, code of low nibble): one table lookup decodes two values.
-_DEQUANT_CHUNK = 262144  # values per chunk of the fast dequantize (an fp32 temporary of 1 MiB)
 _PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], dim=1)  # (256, 2)
+_DEQUANT_CHUNK = 262144  # values per chunk of the fast dequantize (an fp32 temporary of 1 MiB)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,

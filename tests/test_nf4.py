@@ -326,3 +326,14 @@ def test_chunked_dequantize_with_an_odd_block_size():
     expected = NF4_CODE[codes] * absmax.repeat_interleave(bs)[:n]  # the equation, value by value
     assert torch.equal(dequantize_nf4(packed, state), expected)
     assert torch.equal(dequantize_nf4(packed, state, fast=False), expected)
+
+
+@pytest.mark.parametrize("stored,compute", [(torch.float16, torch.float32), (torch.float16, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_dequantize_weight_rounds_to_the_stored_dtype_first(stored, compute):
+    """As bitsandbytes: the weight is dequantized in the dtype it was stored in, then cast to the compute
+    dtype (a half-precision weight computed in fp32 is the half-precision weight, not a finer one)."""
+    layer = Linear4bit.from_linear(nn.Linear(256, 8).to(stored))
+    fp32 = (NF4_CODE[unpack_nibbles(layer.weight_packed, 256 * 8).long()].view(-1, 64)
+            * layer.state.absmax[:, None]).view(8, 256)  # the equation, in fp32
+    assert torch.equal(layer.dequantize_weight(compute), fp32.to(stored).to(compute))
