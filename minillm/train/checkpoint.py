@@ -174,7 +174,7 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict, optimizer
     for name, t in tensors.items():
         _, idx, key = name.split(".", 2)
         state.setdefault(int(idx), {})[key] = t
-    for name, v in meta["scalars"].items():
+    for name, v in meta.get("scalars", {}).items():  # absent = no scalar state (as _check_optimizer_meta allows)
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = v
     groups = []
