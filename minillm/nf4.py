@@ -273,7 +273,7 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 
 # byte -> (code of high nibble, code of low nibble): one table lookup decodes two values.
 _PAIR_TABLE = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], dim=1)  # (256, 2)
-_DEQUANT_CHUNK = 262144  # values per chunk of the fast dequantize (an fp32 temporary of 1 MiB)
+_DEQUANT_CHUNK = 524288  # values per chunk of the fast dequantize (scratch: 2 MiB of codes, 2 MiB of fp32 values)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
@@ -282,10 +282,11 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     (or `dtype`); returns the original shape.
 
     fast=False is the equation in whole-tensor passes; fast=True gives the same bits, but decodes
-    two codes per byte with one 8-byte table lookup and works through the blocks in chunks of ~256K
-    values, multiplying straight into the output (the fp32 product rounded once to `dtype`), so only
-    the result is written to memory in full: a QLoRA step dequantizes every weight three times
-    (forward, recompute, backward), and this is most of what the 4-bit format costs."""
+    two codes per byte with one 8-byte table lookup and works through the blocks in chunks of ~512K
+    values, scaling them in place in fp32 and casting into the output (the fp32 product rounded once to
+    `dtype`), so only the result is written to memory in full: a checkpointed QLoRA step dequantizes every
+    weight two or three times (forward, recompute; backward unless the recomputed W is kept, see
+    _Linear4bitFunction), and this is most of what the 4-bit format costs."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"dequantize_nf4: packed codes must be uint8, got {packed.dtype}")
     n = math.prod(state.shape)
@@ -306,17 +307,21 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     table, codes = _PAIR_TABLE.view(torch.int64).reshape(256).to(packed.device), packed.reshape(-1)
     out, absmax = torch.empty(n, dtype=out_dtype, device=packed.device), absmax.detach()  # codes have no gradient
     step = max(2, _DEQUANT_CHUNK // bs // 2 * 2)  # blocks per chunk, even: every chunk starts on a byte boundary
-    # two scratch buffers reused by every chunk (a fresh 1 MiB allocation per chunk costs page faults)
-    index = torch.empty(min(codes.numel(), step * bs // 2), dtype=torch.int32, device=packed.device)
+    # two scratch buffers reused by every chunk (a fresh MiB-sized allocation per chunk costs page faults)
+    index = torch.empty(min(codes.numel(), step * bs // 2), dtype=torch.int64, device=packed.device)
     words = torch.empty(index.numel(), dtype=torch.int64, device=packed.device)
     for b0 in range(0, nblocks, step):
         b1 = min(nblocks, b0 + step)
         k, v0, v1 = b1 - b0, b0 * bs, min(n, b1 * bs)  # blocks b0..b1-1 hold values v0..v1-1
         nb = (v1 + 1) // 2 - v0 // 2  # bytes of this chunk
         index[:nb].copy_(codes[v0 // 2:v0 // 2 + nb])
-        vals = torch.index_select(table, 0, index[:nb], out=words[:nb]).view(torch.float32)  # (2·bytes,)
+        # the lookup as a gather over a few rows, which torch spreads over threads (a 1-D index_select runs
+        # on one; thousands of short rows cost more per row): (bytes,) -> (rows, bytes / rows)
+        rows = math.gcd(nb, 16)
+        vals = torch.gather(table.expand(rows, 256), 1, index[:nb].view(rows, -1), out=words[:nb].view(rows, -1))
+        vals = vals.view(-1).view(torch.float32)  # (2·bytes,)
         if v1 - v0 == k * bs == vals.numel():  # whole blocks: the fp32 product, rounded once into `out`
-            torch.mul(vals.view(k, bs), absmax[b0:b1, None], out=out[v0:v1].view(k, bs))
+            out[v0:v1].view(k, bs).copy_(vals.view(k, bs).mul_(absmax[b0:b1, None]))  # no fp32 temporary
         else:  # the short last block (and an odd count's pad nibble)
             vals = F.pad(vals[:v1 - v0], (0, k * bs - (v1 - v0))).view(k, bs) * absmax[b0:b1, None]
             out[v0:v1] = vals.view(-1)[:v1 - v0]
@@ -334,18 +339,29 @@ def nf4_nbytes(packed: torch.Tensor, state: NF4State) -> int:
 class _Linear4bitFunction(torch.autograd.Function):
     """y = x·Wᵀ + b with W dequantized in the forward and again in the backward, so the
     full-precision weight is never held between the two: for QLoRA training only the 4-bit codes
-    stay in memory (bitsandbytes' MatMul4Bit does the same). W gets no gradient; x and b do."""
+    stay in memory (bitsandbytes' MatMul4Bit does the same). W gets no gradient; x and b do.
+
+    With layer.save_weight_for_backward (set by a model's gradient_checkpointing_enable) the forward's
+    W is saved for the backward instead. Under checkpointing that is one dequantization fewer per step
+    (3 -> 2) for one block's weights at a time: the first forward's saved tensors are dropped, and the
+    block's recomputed forward runs just before its backward. Without checkpointing it would keep every
+    layer's full-precision weight alive from forward to backward — which is why it is off by default."""
 
     @staticmethod
     def forward(ctx, x, bias, layer, dtype):
         ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
-        return F.linear(x, layer.dequantize_weight(dtype), bias)
+        w = layer.dequantize_weight(dtype)
+        if layer.save_weight_for_backward:
+            ctx.save_for_backward(w)
+        return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize_weight(ctx.dtype)  # (..., out) @ (out, in)
+            saved = ctx.saved_tensors  # read once: checkpointing lets a saved tensor be unpacked only once
+            w = saved[0] if saved else ctx.layer.dequantize_weight(ctx.dtype)
+            grad_x = grad_out @ w  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_b, None, None
@@ -361,6 +377,7 @@ class Linear4bit(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
+        self.save_weight_for_backward = False  # see _Linear4bitFunction: True only under gradient checkpointing
         self.weight_shape, self.weight_dtype = tuple(state.shape), state.dtype
         self.blocksize = state.blocksize
         # Buffers only (frozen). The float32 scales are kept as their int32 bit patterns so that
@@ -450,10 +467,14 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
     check_blocksize(blocksize)
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not _matches(name, skip)]
+    # a model that already checkpoints its blocks (models.layers.set_gradient_checkpointing) gets layers that
+    # keep W for the backward, as if checkpointing had been turned on after quantizing
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         q = Linear4bit.from_linear(lin, blocksize, double_quant, compute_dtype)
+        q.save_weight_for_backward = checkpointing
         setattr(parent, child, q.train(lin.training))  # an eval-mode model stays in eval mode
     return model
 

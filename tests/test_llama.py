@@ -425,6 +425,60 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-6, msg=n)
 
 
+def test_checkpointed_qlora_keeps_the_recomputed_weight_for_backward(monkeypatch):
+    """Under checkpointing a 4-bit layer dequantizes twice per step (first forward, recompute) instead of three
+    times, with the same loss and gradients (dropout on: the recompute must replay its masks); the switch
+    follows checkpointing whichever of the two is turned on first, and is off without it."""
+    from minillm import nf4
+    from minillm.lora import apply_lora
+    calls = []
+    real = nf4.dequantize_nf4
+    monkeypatch.setattr(nf4, "dequantize_nf4", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def build(checkpoint_first: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).train()
+        if checkpoint_first:
+            model.gradient_checkpointing_enable()
+        nf4.quantize_model(model)
+        apply_lora(model, LlamaForCausalLM.lora_targets, r=4, alpha=8, dropout=0.2)
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.weight.requires_grad:
+                nn.init.normal_(m.weight, std=0.2)  # B ≠ 0, so the gradients pass through the frozen weights
+        return model
+
+    def step(model):
+        calls.clear()
+        torch.manual_seed(7)
+        loss = nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 61), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return len(calls), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    layers = lambda m: [x for x in m.modules() if isinstance(x, nf4.Linear4bit)]  # noqa: E731
+    plain = build(False)
+    assert not any(q.save_weight_for_backward for q in layers(plain))
+    n0, l0, g0 = step(plain)
+    # 14 forward + 11 backward: layer 0's q, k, v read the frozen embedding's output, whose gradient nobody needs
+    assert n0 == 14 + 11
+    for first, keep in ((True, True), (False, True), (True, False)):
+        model = build(first)
+        if not first:
+            model.gradient_checkpointing_enable()
+        assert all(q.save_weight_for_backward for q in layers(model))
+        for q in layers(model):
+            q.save_weight_for_backward = keep
+        n1, l1, g1 = step(model)
+        assert n1 == (2 * 14 if keep else 2 * 14 + 11), n1  # forward, recompute (and backward without the switch)
+        assert torch.equal(l1, l0) and g1.keys() == g0.keys()
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
+    model.gradient_checkpointing_enable(False)
+    assert not any(q.save_weight_for_backward for q in layers(model))
+
+
 def test_bf16_load_keeps_rope_frequencies_in_fp32():
     model = load(dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from minillm.nf4 import (BLOCKSIZES, DYNAMIC_CODE, NF4_CODE, Linear4bit, NF4State, codes_fast, codes_reference,
+from minillm.nf4 import (_DEQUANT_CHUNK, BLOCKSIZES, DYNAMIC_CODE, NF4_CODE, Linear4bit, NF4State, codes_fast, codes_reference,
                          dequantize_nf4, format_memory_report, memory_report, pack_nibbles, quantize_model,
                          quantize_nf4, unpack_nibbles)
 
@@ -302,7 +302,7 @@ def test_live_bitsandbytes_double_quant_many_blocks():
     assert torch.equal(dequantize_nf4(packed, state), BF.dequantize_4bit(p_ref, s_ref, quant_type="nf4"))
 
 
-@pytest.mark.parametrize("n,bs", [(3 * 262144 + 64 * 5 + 7, 64), (262144 * 2 + 1, 32), (4096 * 9 - 3, 4096), (100, 64)])
+@pytest.mark.parametrize("n,bs", [(3 * _DEQUANT_CHUNK + 64 * 5 + 7, 64), (_DEQUANT_CHUNK * 2 + 1, 32), (4096 * 9 - 3, 4096), (100, 64)])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_chunked_dequantize_equals_written_out(n, bs, dtype):
     """The fast dequantize works through the blocks in chunks: several chunks, a short last block and an
@@ -318,7 +318,7 @@ def test_chunked_dequantize_equals_written_out(n, bs, dtype):
 def test_chunked_dequantize_with_an_odd_block_size():
     """A hand-made state with blocks of 3 values (not a bitsandbytes size): chunks of an odd number of
     blocks would start mid-byte; the fast path must still decode every value as the written-out one."""
-    n, bs = 262144 * 2 + 11, 3
+    n, bs = _DEQUANT_CHUNK * 2 + 11, 3
     codes = torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(0))
     absmax = torch.rand(-(-n // bs), generator=torch.Generator().manual_seed(1)) + 0.5
     state = NF4State(shape=torch.Size([n]), dtype=torch.float32, blocksize=bs, absmax_f32=absmax)

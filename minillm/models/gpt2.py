@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 
 from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
-from minillm.models.layers import ACTIVATIONS, check_input_ids, resize_vocab
+from minillm.models.layers import ACTIVATIONS, check_input_ids, resize_vocab, set_gradient_checkpointing
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
                                split_heads)
 
@@ -268,7 +268,7 @@ class GPT2LMHeadModel(nn.Module):
         dropout masks (torch.utils.checkpoint restores the RNG state), so gradients equal the plain path's.
         QLoRA uses it by default (peft's prepare_model_for_kbit_training). Chen et al., "Training Deep Nets
         with Sublinear Memory Cost" (2016)."""
-        self.transformer.gradient_checkpointing = enable
+        set_gradient_checkpointing(self.transformer, enable)
 
     def new_cache(self, max_length: Optional[int] = None) -> KVCache:
         return KVCache(self.config.n_layer, max_length)

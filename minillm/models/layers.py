@@ -8,6 +8,7 @@ is inside the layer; what stays the same lives here, written once:
     init            W ~ N(0, σ²) for linear / embedding / conv weights, b = 0, LayerNorm γ = 1, β = 0
     key mask        (B, T) 1/0 -> bool (B, 1, 1, T), True where a key may be attended to
     layer loop      x_l, w_l = layer_l(x_{l-1}, mask);  optionally collect each layer's attention weights
+    checkpointing   keep each block's input only, recompute its inside in backward (4-bit layers follow)
 
 Source: Hendrycks & Gimpel, "Gaussian Error Linear Units" (2016) for gelu and its tanh
 approximation; Ramachandran et al., "Searching for Activation Functions" (2017) for silu;
@@ -111,6 +112,18 @@ def resize_vocab(emb: nn.Embedding, head: nn.Linear, new_size: int, tied: bool) 
         else:
             new_head.weight.copy_(resized(head.weight))
     return new_emb, new_head
+
+
+def set_gradient_checkpointing(body: nn.Module, enable: bool) -> None:
+    """Turn activation checkpointing of `body`'s blocks on or off (its forward reads body.gradient_checkpointing).
+
+    4-bit layers inside (nf4.Linear4bit: any module with `save_weight_for_backward`) follow it: under
+    checkpointing they keep the dequantized weight from a block's recomputed forward to its backward,
+    one dequantization fewer per step for one block's weights held at a time."""
+    body.gradient_checkpointing = enable
+    for m in body.modules():
+        if hasattr(m, "save_weight_for_backward"):
+            m.save_weight_for_backward = enable
 
 
 def key_mask(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:

@@ -44,7 +44,7 @@ from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
 from minillm.attention import KVCache, causal_mask, padding_mask, scaled_dot_product_attention
 from minillm.models.gpt2 import positions_from_mask
-from minillm.models.layers import activation, check_input_ids, resize_vocab
+from minillm.models.layers import activation, check_input_ids, resize_vocab, set_gradient_checkpointing
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -399,7 +399,7 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Activation checkpointing in training: each layer keeps only its input and recomputes the rest
         during backward (see GPT2LMHeadModel.gradient_checkpointing_enable)."""
-        self.model.gradient_checkpointing = enable
+        set_gradient_checkpointing(self.model, enable)
 
     def new_cache(self, max_length: Optional[int] = None) -> KVCache:
         """A KV cache for the n_kv heads: (B, n_kv, T, hd) per layer."""
