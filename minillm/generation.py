@@ -21,6 +21,7 @@ Source: the course (greedy, random sampling, top-k, top-p, temperature); Holtzma
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -107,11 +108,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     cache = model.new_cache(T + max_new_tokens) if use_cache else None
     prompt_mask = attention_mask.long()
 
+    # a model that can compute the head on the last position only is asked to (transformers does the same)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
     def step(ids: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         mask = F.pad(prompt_mask, (0, ids.shape[1] - T), value=1)  # generated tokens are real: (B, T + done)
         if cache is not None:
-            return model(new, attention_mask=mask, cache=cache, **model_kwargs)[:, -1, :]
-        return model(ids, attention_mask=mask, **model_kwargs)[:, -1, :]
+            return model(new, attention_mask=mask, cache=cache, **last, **model_kwargs)[:, -1, :]
+        return model(ids, attention_mask=mask, **last, **model_kwargs)[:, -1, :]
 
     ids = decode_loop(step, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                       pad_token_id, generator)

@@ -49,12 +49,13 @@ def _merge_warning() -> None:
 class LoRADropout(nn.Dropout):
     """Inverted dropout on LoRA's input: each element zeroed with probability p, the rest scaled by 1/(1−p).
 
-    On CPU (fast=True) each element gets 32 random bits from torch's generator (one 64-bit draw per two
-    elements) and is dropped where they, read as int32, fall below −2³¹ + round(p·2³²): Bernoulli(p) to within
-    2⁻³², so seeding and checkpoint replay (which restores the RNG state) work as with nn.Dropout, and only
-    a bool mask is saved for the backward. It is ~1.4× faster than nn.Dropout there, whose bernoulli_ draws
-    a double per element; a QLoRA step drops LoRA's inputs 2 × 7 times per layer. fast=False, or a
-    non-CPU tensor (CUDA fuses its own dropout), runs nn.Dropout."""
+    On CPU (fast=True) each element is dropped where a uniform 32-bit integer u falls below t = round(p·2³²):
+    Bernoulli(p) to within 2⁻³². u is compared a byte at a time: its top byte alone decides unless it
+    equals t's (1 element in 256), and only those elements draw u's other 24 bits. So an element costs 8
+    random bits from torch's generator instead of bernoulli_'s double — ~1.5× faster than nn.Dropout here;
+    seeding and checkpoint replay (which restores the RNG state) work as with nn.Dropout. A QLoRA step
+    drops LoRA's inputs 2 × 7 times per layer. fast=False, or a non-CPU tensor (CUDA fuses its own
+    dropout), runs nn.Dropout."""
 
     def __init__(self, p: float, fast: bool = True):
         super().__init__(p)
@@ -63,10 +64,14 @@ class LoRADropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.fast and self.training and self.p > 0 and x.device.type == "cpu"):
             return super().forward(x)
-        bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int64).random_(-2**63, None)  # full 64-bit range
-        below = min(2**31 - 1, -2**31 + round(self.p * 2**32))  # p < 1, but p·2³² may round up to 2³²
-        keep = bits.view(torch.int32)[:x.numel()].view(x.shape) >= below  # (numel,) int32 -> x's shape
-        return (x * (1.0 / (1.0 - self.p))).mul_(keep)  # the mask saved for backward is bool
+        n = x.numel()
+        hi, lo = divmod(min(2**32 - 1, round(self.p * 2**32)), 2**24)  # t's top byte and low 24 bits
+        # u's top bytes: 8 per 64-bit draw, read as int8, i.e. top byte − 128
+        top = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-2**63, None).view(torch.int8)[:n]
+        keep = top >= hi - 128  # decided where top ≠ hi: keep where top > hi
+        tie = (top == hi - 128).nonzero().squeeze(1)  # top = hi: keep where u's low 24 bits ≥ t's
+        keep[tie] = torch.randint(0, 2**24, (tie.numel(),)) >= lo
+        return x * (keep.view(x.shape) * (1.0 / (1.0 - self.p)))  # the scaled mask, as nn.Dropout makes on CPU
 
 
 class LoRALinear(nn.Module):

@@ -46,8 +46,9 @@ def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None) -> tupl
     return statistics.median(ta), statistics.median(tb)
 
 
-def row(name, ours, ref, unit, better="lower", target=None, note=""):
-    ratio = ours / ref if ref else float("nan")
+def row(name, ours, ref, unit, better="lower", target=None, note="", ratio=None):
+    """ratio: ours / ref unless given (e.g. the median of pair-by-pair ratios, which drift cannot bias)."""
+    ratio = ratio if ratio is not None else (ours / ref if ref else float("nan"))
     return {"name": name, "minillm": ours, "reference": ref, "unit": unit, "ratio": ratio,
             "better": better, "target": target, "note": note}
 

@@ -197,6 +197,16 @@ def test_bad_inputs_clear_errors():
         model(torch.zeros(1, 3, dtype=torch.long), encoder_hidden_states=torch.zeros(1, 2, 64))
 
 
+def test_logits_to_keep_is_the_last_positions():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(ids, logits_to_keep=2), full[:, -2:], atol=1e-6, rtol=1e-6)
+    assert model(ids, logits_to_keep=2).shape == (2, 2, 50)
+
+
 def _grads(model, ids, mask, enc):
     torch.manual_seed(123)  # the same dropout masks on both runs
     logits = model(ids, attention_mask=mask, encoder_hidden_states=enc)

@@ -117,6 +117,28 @@ def test_greedy_generation_equals_transformers(name, use_cache):
     assert (out[:, g["prompt_ids"].shape[1]:] == g["greedy_eos"]).any(dim=1).sum() >= 1  # EOS fired somewhere
 
 
+def test_logits_to_keep_is_the_last_positions_and_generation_asks_for_one():
+    """logits_to_keep = k: the head reads the last k positions only (same logits); generate asks for 1, so the
+    prefill's head sees (B, 1, C), as transformers' generate does; bad values are refused."""
+    model = load("tiny-llama")
+    ids = torch.randint(0, 384, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        for k in (1, 3, 7):
+            torch.testing.assert_close(model(ids, logits_to_keep=k), full[:, -k:], atol=1e-6, rtol=1e-6)
+        assert torch.equal(model(ids, logits_to_keep=0), full)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(ids, logits_to_keep=bad)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    for use_cache in (True, False):
+        seen.clear()
+        generate(model, ids, max_new_tokens=3, use_cache=use_cache)
+        assert seen == [(2, 1, model.config.hidden_size)] * 3, seen
+    hook.remove()
+
+
 def test_cache_keeps_the_kv_heads_only():
     model = load("tiny-llama")  # 4 query heads, 2 kv heads, head_dim 16
     cache = model.new_cache()
@@ -567,6 +589,28 @@ def test_live_against_transformers(tmp_path, kind, cfg):
     back = M.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         assert (back(ids).logits - hf(ids).logits).abs().max() == 0
+
+
+@pytest.mark.reference
+def test_live_bf16_greedy_generation_equals_transformers(tmp_path):
+    """In bf16, greedy tokens equal transformers' when both load the checkpoint in bf16 (rotary frequencies
+    stay fp32 in both; transformers' `model.to(bfloat16)` would round its inv_freq buffer to bf16 too, and
+    its tokens then drift from both). Both heads read the last position only (logits_to_keep=1)."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+               num_key_value_heads=2, vocab_size=4096, bos_token_id=1, eos_token_id=2)
+    tr.LlamaForCausalLM(tr.LlamaConfig(**cfg)).save_pretrained(tmp_path)
+    hf = tr.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    assert hf.model.rotary_emb.inv_freq.dtype == torch.float32
+    prompts = torch.randint(3, 4096, (6, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for prompt in prompts:
+            prompt = prompt[None]
+            want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
+                               do_sample=False, pad_token_id=0)
+            assert torch.equal(generate(ours, prompt, max_new_tokens=24), want)
 
 
 @pytest.mark.reference

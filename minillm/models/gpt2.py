@@ -33,7 +33,8 @@ import torch.utils.checkpoint
 
 from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
-from minillm.models.layers import ACTIVATIONS, check_input_ids, resize_vocab, set_gradient_checkpointing
+from minillm.models.layers import (ACTIVATIONS, check_input_ids, keep_last, resize_vocab,
+                                   set_gradient_checkpointing)
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
                                split_heads)
 
@@ -245,10 +246,11 @@ class GPT2LMHeadModel(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                encoder_hidden_states=None, encoder_attention_mask=None) -> torch.Tensor:
-        """-> logits (B, T, vocab)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache, encoder_hidden_states,
-                                               encoder_attention_mask))
+                encoder_hidden_states=None, encoder_attention_mask=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """-> logits (B, T, vocab); (B, k, vocab) of the last k positions with logits_to_keep = k > 0."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, encoder_hidden_states,
+                               encoder_attention_mask)
+        return self.lm_head(keep_last(h, logits_to_keep))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                       encoder_hidden_states=None, encoder_attention_mask=None) -> torch.Tensor:

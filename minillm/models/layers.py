@@ -126,6 +126,15 @@ def set_gradient_checkpointing(body: nn.Module, enable: bool) -> None:
             m.save_weight_for_backward = enable
 
 
+def keep_last(h: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """h (B, T, C) -> (B, k, C), the last k = logits_to_keep positions (all when 0), for an LM head to read:
+    generation needs the last position's logits only, and on a long prompt the vocabulary-wide head over
+    every position is most of the prefill's head work (transformers' `logits_to_keep`)."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
+    return h[:, -logits_to_keep:] if logits_to_keep else h
+
+
 def key_mask(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
     """Check a (B, T) 1/0 attention mask; None when absent or all ones (no key is hidden: the fused kernel
     then runs unmasked), else the bool (B, 1, 1, T) mask, True at real tokens."""

@@ -44,7 +44,8 @@ from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
 from minillm.attention import KVCache, causal_mask, padding_mask, scaled_dot_product_attention
 from minillm.models.gpt2 import positions_from_mask
-from minillm.models.layers import activation, check_input_ids, resize_vocab, set_gradient_checkpointing
+from minillm.models.layers import (activation, check_input_ids, keep_last, resize_vocab,
+                                   set_gradient_checkpointing)
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -383,9 +384,10 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None):
-        """-> logits (B, T, vocab)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
+                logits_to_keep: int = 0):
+        """-> logits (B, T, vocab); (B, k, vocab) of the last k positions with logits_to_keep = k > 0."""
+        return self.lm_head(keep_last(self.hidden_states(input_ids, attention_mask, position_ids, cache), logits_to_keep))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None,
                       cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -40,7 +40,8 @@ def run(args) -> list[dict]:
                                                     attn_implementation="sdpa")).eval()
             hf.save_pretrained(d)
             ours = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device=dev).eval()
-        hf = hf.to(device=dev, dtype=dtype)
+            # loaded in `dtype`, as users do: hf.to(bfloat16) would also round its rotary inv_freq buffer to bf16
+            hf = tr.LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
         for B, T in ((1, 128), (4, 256)):
             ids = torch.randint(0, 32000, (B, T), device=dev)
             with torch.inference_mode():

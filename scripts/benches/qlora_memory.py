@@ -19,7 +19,10 @@ AdamW state) is untimed, the median of the next three is reported.
 Memory: each measurement runs in its own subprocess (so peaks do not mix); after building the model and
 freeing the construction temporaries (gc + malloc_trim) the process resets its peak RSS (5 > clear_refs),
 runs the steps and reads VmHWM; reported is that peak minus the RSS before the model was built (weights +
-gradients + optimizer state + activations). Run: `python scripts/bench.py qlora`.
+gradients + optimizer state + activations). Time: a shared machine's speed drifts by ±15% over minutes, so
+the time row comes from one more process holding both QLoRA models and running their steps in turn (6 pairs,
+medians; both then share one process, as `interleaved` does in the other areas). Run:
+`python scripts/bench.py qlora`.
 """
 
 from __future__ import annotations
@@ -38,12 +41,15 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 256
 STEPS_TIMED = 3  # after one untimed step that creates the AdamW state; the median is reported
+TIME_PAIRS = 6  # the time row: minillm and peft steps in turn in one process, this many pairs
 
 
 def run(args) -> list[dict]:
     from bench import row
     q = _child("minillm-qlora", 22)
     p = _child("peft-qlora", 22)
+    t = _child("time", 22)
+    pair_ratios = [a / b for a, b in zip(t["minillm"], t["peft"])]
     f2, f4 = _child("full", 2), _child("full", 4)
     per_layer = (f4["step_mb"] - f2["step_mb"]) / 2
     full_mb = f2["step_mb"] + 20 * per_layer
@@ -55,8 +61,12 @@ def run(args) -> list[dict]:
     return [
         row("peak memory of a training step: minillm QLoRA vs peft + bitsandbytes QLoRA", q["step_mb"], p["step_mb"],
             "MB", target=1.0, note=cfg + "; " + q["method"]),
-        row("time of a training step: minillm QLoRA vs peft + bitsandbytes QLoRA", q["step_s"], p["step_s"], "s",
-            target=1.0, note="median of 3 steps after the first (AdamW state exists); same threads; separate processes, one after the other"),
+        row("time of a training step: minillm QLoRA vs peft + bitsandbytes QLoRA", statistics.median(t["minillm"]),
+            statistics.median(t["peft"]), "s", target=1.0, ratio=statistics.median(pair_ratios),
+            note=f"both models in one process, steps in turn after each one's first (AdamW state exists): times are "
+                 f"medians of {TIME_PAIRS}, the ratio the median of the {TIME_PAIRS} pair ratios "
+                 f"({', '.join(f'{r:.2f}' for r in pair_ratios)}); in separate processes (the memory runs, one after "
+                 f"the other) {q['step_s']:.2f} vs {p['step_s']:.2f} s; same threads"),
         row("peak memory of a training step: minillm QLoRA vs full fine-tuning (extrapolated)", q["step_mb"], full_mb,
             "MB", note=extrap),
         row("time of a training step: minillm QLoRA vs full fine-tuning (extrapolated)", q["step_s"], full_s, "s",
@@ -70,7 +80,10 @@ def _child(mode: str, layers: int) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"memory child '{mode}' ({layers} layers) failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {mode} {layers} layers: {r['step_mb']:.0f} MB, {r['step_s']:.1f} s/step", file=sys.stderr)
+    if mode == "time":
+        print(f"  steps in turn, {layers} layers: minillm {r['minillm']}, peft {r['peft']} s", file=sys.stderr)
+    else:
+        print(f"  {mode} {layers} layers: {r['step_mb']:.0f} MB, {r['step_s']:.1f} s/step", file=sys.stderr)
     return r
 
 
@@ -107,18 +120,14 @@ def _build_peft(layers: int, dtype):
     return model, lambda ids: model(input_ids=ids).logits
 
 
-def memory_child(mode: str, layers: int) -> dict:
+def _trainer(mode: str, layers: int, dtype):
+    """(one training step -> its seconds, trainable, total params) for `mode`'s model."""
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT))
-    from quant import reset_peak_rss, rss_kb  # the same peak measurement as the GPT-2 memory rows (this script's folder)
-    from minillm.demos.rlhf_demo import compute_dtype
     from minillm.lora import count_parameters
 
     torch.manual_seed(0)
-    dtype = compute_dtype() if mode != "full" else None
-    base_kb = rss_kb("VmRSS")
     model, fwd = _build_peft(layers, dtype) if mode == "peft-qlora" else _build_minillm(mode, layers, dtype)
     if mode == "peft-qlora":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -127,11 +136,10 @@ def memory_child(mode: str, layers: int) -> dict:
         trainable, total = count_parameters(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    ids = torch.randint(0, TINYLLAMA["vocab_size"], (1, SEQ))
+    ids = torch.randint(0, TINYLLAMA["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1).reshape(-1)
-    method = reset_peak_rss()
-    times = []
-    for _ in range(1 + STEPS_TIMED):
+
+    def step() -> float:
         t = time.perf_counter()
         logits = fwd(ids)
         loss = F.cross_entropy(logits.float().view(-1, TINYLLAMA["vocab_size"]), labels)
@@ -139,7 +147,27 @@ def memory_child(mode: str, layers: int) -> dict:
         loss.backward()
         opt.step()
         del logits, loss
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+    return step, trainable, total
+
+
+def memory_child(mode: str, layers: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from quant import reset_peak_rss, rss_kb  # the same peak measurement as the GPT-2 memory rows (this script's folder)
+    from minillm.demos.rlhf_demo import compute_dtype
+
+    dtype = compute_dtype() if mode != "full" else None
+    if mode == "time":  # both QLoRA models in one process, their steps in turn: pair by pair, drift hits both alike
+        (a, *_), (b, *_) = _trainer("minillm-qlora", layers, dtype), _trainer("peft-qlora", layers, dtype)
+        a(), b()  # the first steps create the AdamW states
+        pairs = [(a(), b()) for _ in range(TIME_PAIRS)]
+        return {"minillm": [x for x, _ in pairs], "peft": [y for _, y in pairs]}
+    base_kb = rss_kb("VmRSS")
+    step, trainable, total = _trainer(mode, layers, dtype)
+    method = reset_peak_rss()
+    times = [step() for _ in range(1 + STEPS_TIMED)]
     peak_kb = rss_kb("VmHWM")
     return {"mode": mode, "layers": layers, "step_mb": (peak_kb - base_kb) / 1024, "step_s": statistics.median(times[1:]),
             "trainable": trainable, "params": total, "method": method,
