@@ -29,8 +29,9 @@ AREAS = ["gpt2", "encoders", "quant", "train", "text_metrics", "t5", "llama", "m
 MODULES = {"qlora": "qlora_memory"}  # area -> benches/<module>.py where the names differ
 
 
-def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None) -> tuple[float, float]:
-    """Median seconds of a and b, alternating calls so that machine noise hits both alike."""
+def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None, pairs: bool = False) -> tuple:
+    """Median seconds of a and b, alternating calls so that machine noise hits both alike; with pairs=True
+    also the median of the pair-by-pair ratios a/b (which a drift of the machine's speed cannot bias)."""
     for _ in range(warmup):
         fn_a(); fn_b()
     ta, tb = [], []
@@ -43,6 +44,8 @@ def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None) -> tupl
             if sync:
                 sync()
             acc.append(time.perf_counter() - t)
+    if pairs:
+        return statistics.median(ta), statistics.median(tb), statistics.median(a / b for a, b in zip(ta, tb))
     return statistics.median(ta), statistics.median(tb)
 
 

@@ -387,7 +387,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                 logits_to_keep: int = 0):
         """-> logits (B, T, vocab); (B, k, vocab) of the last k positions with logits_to_keep = k > 0."""
-        return self.lm_head(keep_last(self.hidden_states(input_ids, attention_mask, position_ids, cache), logits_to_keep))
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        return self.lm_head(keep_last(h, logits_to_keep))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None,
                       cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -45,18 +45,20 @@ def run(args) -> list[dict]:
         for B, T in ((1, 128), (4, 256)):
             ids = torch.randint(0, 32000, (B, T), device=dev)
             with torch.inference_mode():
-                t_ours, t_ref = interleaved(lambda: ours(ids), lambda: hf(ids, use_cache=False).logits,
-                                            repeat=args.repeat, sync=sync)
-            rows.append(row(f"{what} forward {B}x{T}, {dname}", t_ours * 1e3, t_ref * 1e3, "ms", target=1.0))
+                t_ours, t_ref, r = interleaved(lambda: ours(ids), lambda: hf(ids, use_cache=False).logits,
+                                               repeat=args.repeat, sync=sync, pairs=True)
+            rows.append(row(f"{what} forward {B}x{T}, {dname}", t_ours * 1e3, t_ref * 1e3, "ms", target=1.0, ratio=r,
+                            note=f"medians of {args.repeat} calls in turn; ratio: median of the pair ratios"))
         prompt = torch.randint(0, 32000, (1, 16), device=dev)
         new = 32
         ref_gen = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt),  # noqa: E731
                                       max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         with torch.inference_mode():
             same = torch.equal(generate(ours, prompt, max_new_tokens=new), ref_gen())
-            t_ours, t_ref = interleaved(lambda: generate(ours, prompt, max_new_tokens=new), ref_gen,
-                                        repeat=max(2, args.repeat // 2), sync=sync)
+            t_ours, t_ref, r = interleaved(lambda: generate(ours, prompt, max_new_tokens=new), ref_gen,
+                                           repeat=max(2, args.repeat // 2), sync=sync, pairs=True)
         rows.append(row(f"{what} greedy generation, {new} new tokens, {dname}", new / t_ours, new / t_ref,
-                        "tokens/s", better="higher", target=1.0, note="same tokens" if same else "TOKENS DIFFER"))
+                        "tokens/s", better="higher", target=1.0, ratio=1 / r,
+                        note=("same tokens" if same else "TOKENS DIFFER") + "; ratio: median of the pair ratios"))
         del hf, ours
     return rows
