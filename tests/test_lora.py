@@ -239,6 +239,16 @@ def test_lora_dropout_tiny_p_uses_32_bits():
     assert 4 <= n <= 40, n  # mean 16: P(n < 4) ≈ 1e-4, P(n > 40) ≈ 1e-7
 
 
+def test_lora_dropout_odd_sizes_and_p_near_one():
+    """A count that is not a multiple of the 8 bytes a draw gives keeps x's shape; p within 2⁻⁴⁰ of 1 (t clamps
+    to 2³² − 1: its top byte 255) drops everything."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5)
+    y = LoRADropout(0.5)(x)
+    assert y.shape == x.shape and ((y == 0) | torch.isclose(y, x * 2)).all() and (y == 0).any() and (y != 0).any()
+    assert (LoRADropout(1 - 2 ** -40)(torch.ones(4099)) == 0).all()
+
+
 def test_lora_dropout_replays_with_the_seed_and_backpropagates_through_the_mask():
     x = torch.randn(64, 33, requires_grad=True)
     d = LoRADropout(0.3)

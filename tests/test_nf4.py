@@ -337,3 +337,27 @@ def test_dequantize_weight_rounds_to_the_stored_dtype_first(stored, compute):
     fp32 = (NF4_CODE[unpack_nibbles(layer.weight_packed, 256 * 8).long()].view(-1, 64)
             * layer.state.absmax[:, None]).view(8, 256)  # the equation, in fp32
     assert torch.equal(layer.dequantize_weight(compute), fp32.to(stored).to(compute))
+
+
+def test_linear4bit_keeps_w_for_backward_only_when_asked():
+    """save_weight_for_backward: the forward's W serves the backward (under non-reentrant checkpointing, whose
+    recomputed forward saves it), with the same gradient as re-dequantizing; quantize_model sets it on a model
+    that already checkpoints its blocks, and leaves it off otherwise."""
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    w = q.dequantize_weight()
+    grads = []
+    for keep in (False, True):
+        q.save_weight_for_backward = keep
+        y = torch.utils.checkpoint.checkpoint(q, x, use_reentrant=False)
+        y.square().sum().backward()
+        grads.append(x.grad)
+        x.grad = None
+    torch.testing.assert_close(grads[0], 2 * (x @ w.T + q.bias) @ w, atol=1e-5, rtol=1e-5)
+    assert torch.equal(grads[0], grads[1])
+    body = nn.Sequential(nn.Linear(64, 64))
+    assert not quantize_model(body, skip=())[0].save_weight_for_backward
+    body = nn.Sequential(nn.Linear(64, 64))
+    body.gradient_checkpointing = True
+    assert quantize_model(body, skip=())[0].save_weight_for_backward
