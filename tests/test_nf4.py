@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from minillm.nf4 import (_DEQUANT_CHUNK, BLOCKSIZES, DYNAMIC_CODE, NF4_CODE, Linear4bit, NF4State, codes_fast, codes_reference,
+from minillm.dynamic8bit import DYNAMIC_CODE
+from minillm.nf4 import (_DEQUANT_CHUNK, BLOCKSIZES, NF4_CODE, Linear4bit, NF4State, codes_fast, codes_reference,
                          dequantize_nf4, format_memory_report, memory_report, pack_nibbles, quantize_model,
                          quantize_nf4, unpack_nibbles)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minillm.nf4 import (NF4_CODE, Linear4bit, codes_fast, codes_reference, create_dynamic_map,
-                         dequantize_blockwise_8bit, dequantize_nf4, format_memory_report, memory_report,
-                         pack_nibbles, quantize_blockwise_8bit, quantize_model, quantize_nf4)
+from minillm.dynamic8bit import create_dynamic_map, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from minillm.nf4 import (NF4_CODE, Linear4bit, codes_fast, codes_reference, dequantize_nf4, format_memory_report,
+                         memory_report, pack_nibbles, quantize_model, quantize_nf4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
