@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
+from minillm.linear import Linear
 from minillm.nf4 import Linear4bit, quantize_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -287,7 +288,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _plain_linear(layer: nn.Module, delta: Optional[torch.Tensor] = None) -> nn.Linear:
-    """An nn.Linear holding `layer`'s weight (+ delta), computed in float32. A 4-bit layer is dequantized
+    """A plain linear (minillm.linear.Linear, an nn.Linear) holding `layer`'s weight (+ delta), computed in float32. A 4-bit layer is dequantized
     and written back in the dtype it was quantized from; an nn.Linear keeps its dtype."""
     if isinstance(layer, Linear4bit):
         w, dtype = layer.dequantize_weight(torch.float32), layer.weight_dtype
@@ -295,7 +296,7 @@ def _plain_linear(layer: nn.Module, delta: Optional[torch.Tensor] = None) -> nn.
         w, dtype = layer.weight.detach().float(), layer.weight.dtype
     if delta is not None:
         w = w + delta.detach().float()
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=w.device, dtype=dtype)
+    lin = Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=w.device, dtype=dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
         if layer.bias is not None:

@@ -54,6 +54,7 @@ FILE_TESTS: dict[str, list[str]] = {
     "lora.py": ["tests/test_lora_pins.py", "tests/test_lora.py"],
     "nf4.py": ["tests/test_nf4_pins.py", "tests/test_nf4.py"],
     "dynamic8bit.py": ["tests/test_nf4_pins.py", "tests/test_nf4.py"],
+    "linear.py": ["tests/test_linear.py"],
     # test_bert/test_reward/test_vqa also use losses.py but take 70-90 s each on 2 cores: left out
     "losses.py": ["tests/test_losses_pins.py", "tests/test_loop.py", "tests/test_ppo.py"],
     "formats.py": ["tests/test_formats_pins.py", "tests/test_formats.py"],

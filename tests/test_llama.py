@@ -512,6 +512,48 @@ def test_bf16_load_keeps_rope_frequencies_in_fp32():
     assert (got - want).abs().max() < 0.1 * want.abs().max()  # bf16 rounding only
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_fast_paths_equal_the_autograd_forward(name, dtype):
+    """Without autograd the forward multiplies in place (RMSNorm, SwiGLU) and sends float32 products to
+    oneDNN; with set_fast(False) it must equal the recorded forward bit for bit, and with it on, to float32
+    rounding (bf16: nothing of ours to route, so bit for bit too)."""
+    from minillm import linear as linear_mod
+    from minillm.linear import set_fast
+    model = load(name, dtype=dtype)
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = model(ids, attention_mask=mask).detach()  # grad mode on: the out-of-place products, F.linear
+    set_fast(model, False)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask), want)
+    set_fast(model, True)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        got = model(ids, attention_mask=mask)
+    onednn = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want) and onednn == 0
+    else:  # every linear, the head included: 7 per layer + 1; another summation order, float32 rounding apart
+        assert (got - want).abs().max() <= 1e-5
+        assert onednn == (7 * model.config.num_hidden_layers + 1 if linear_mod._ONEDNN_LINEAR is not None else 0)
+
+
+def test_rmsnorm_without_autograd_leaves_its_input_alone():
+    from minillm.models.llama import RMSNorm
+    norm = RMSNorm(8, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 8).to(dtype)
+        before = x.clone()
+        with torch.no_grad():
+            y = norm.to(dtype)(x)
+        assert torch.equal(x, before) and y.data_ptr() != x.data_ptr()
+        h = x.float()
+        assert torch.equal(y, norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype))
+
+
 # ---------------- LoRA and NF4 on Llama names ----------------
 
 def test_lora_targets_are_every_linear_but_the_head():

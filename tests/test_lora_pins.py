@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from minillm.linear import Linear  # the plain linear merging leaves
 from minillm.hub import CheckpointError
 from minillm.lora import (AdapterConfig, LoRALinear, adapters_disabled, apply_lora, count_parameters,
                           default_lora_targets, load_adapter, lora_layers, merge_and_unload, merge_lora,
@@ -329,7 +330,7 @@ def test_merge_and_unload_qlora_model(dtype):
     assert not hasattr(model, "lora_config")
     for n in ("q", "k", "v"):
         lin = getattr(model, n)
-        assert type(lin) is nn.Linear and lin.weight.dtype == dtype and not lin.weight.requires_grad
+        assert type(lin) is Linear and lin.weight.dtype == dtype and not lin.weight.requires_grad
         want = (deq[n] + delta) if n == "q" else deq[n]
         assert torch.equal(lin.weight, want.to(dtype)), n
     for n in ("q", "k"):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from minillm.linear import Linear  # the plain linear merging leaves
 from minillm.lora import (LoRALinear, apply_lora, load_adapter, merge_and_unload, merge_lora, trainable_report,
                           unmerge_lora)
 from minillm.models.gpt2 import GPT2LMHeadModel
@@ -156,5 +157,5 @@ def test_merge_and_unload_dequantizes_without_second_rounding():
         assert torch.equal(sd[k], w), k  # the same float32 sum, bit for bit
     for k, w in plain_w.items():
         assert torch.equal(sd[k], w), k  # layers without an adapter come back dequantized
-    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
+    assert all(type(m) is Linear for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
     assert set(sd) == set(GPT2LMHeadModel.from_pretrained("tiny-gpt2").state_dict())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from minillm import hub
 from minillm.attention import merge_heads, padding_mask, scaled_dot_product_attention, split_heads
 from minillm.configs import config_from_dict
+from minillm.linear import Linear
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -106,7 +107,7 @@ def resize_vocab(emb: nn.Embedding, head: nn.Linear, new_size: int, tied: bool) 
     with torch.no_grad():
         new_emb = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
         new_emb.weight.copy_(resized(old))
-        new_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        new_head = Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
         if tied:
             new_head.weight = new_emb.weight
         else:

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from minillm import hub
-from minillm.configs import as_config_dict, config_from_dict, validate_config
 from minillm.attention import KVCache, causal_mask, padding_mask, scaled_dot_product_attention
+from minillm.configs import as_config_dict, config_from_dict, validate_config
+from minillm.linear import Linear
 from minillm.models.gpt2 import positions_from_mask
 from minillm.models.layers import (activation, check_input_ids, keep_last, resize_vocab,
                                    set_gradient_checkpointing)
@@ -230,7 +231,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, h, T, hd), cos/sin (B, 1, T, hd): rotate each (x_i, x_{i+hd/2}) pair by its angle."""
-    return x * cos + rotate_half(x) * sin
+    return (x * cos).add_(rotate_half(x).mul_(sin))  # in place on the two fresh products: same rounding
 
 
 class RMSNorm(nn.Module):
@@ -243,8 +244,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1)
+        if torch.is_grad_enabled():
+            return self.weight * (h * r).to(x.dtype)
+        # no autograd: the same products, in place on tensors made here (h is x itself when x is float32)
+        h = h * r if h is x else h.mul_(r)
+        return h.to(x.dtype).mul_(self.weight)
 
 
 class LlamaAttention(nn.Module):
@@ -254,10 +259,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         nh, nkv, hd, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(C, nh * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(nh * hd, C, bias=cfg.o_bias)
+        self.q_proj = Linear(C, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(nh * hd, C, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None):
         cfg = self.cfg
@@ -288,13 +293,16 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         C, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = self.act(self.gate_proj(x))  # (B, T, I)
+        # no autograd: multiply in place into h (made here), one (B, T, I) tensor fewer; the same products
+        h = h * self.up_proj(x) if torch.is_grad_enabled() else h.mul_(self.up_proj(x))
+        return self.down_proj(h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -375,7 +383,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for m in self.modules():  # N(0, initializer_range) for linears and embeddings, zero biases
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=cfg.initializer_range)

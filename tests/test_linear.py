@@ -1,0 +1,129 @@
+"""minillm.linear: the float32 CPU product goes to oneDNN only where no gradient is needed, and agrees with
+F.linear to float32 rounding; everything else is F.linear exactly."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from minillm import linear as lin_mod
+from minillm.linear import Linear, linear, set_fast, uses_onednn
+
+needs_onednn = pytest.mark.skipif(lin_mod._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
+
+
+def _ops(fn) -> set:
+    """The names of the operators `fn` runs (what the dispatcher actually called)."""
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    return {e.key for e in p.key_averages()}
+
+
+def _close_to_float64(y, x, w, b):
+    """|y − (x Wᵀ + b) in float64| within float32 rounding of a K-term sum: K · 2⁻²⁴ · Σ|x_k W_k| per element."""
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    bound = x.shape[-1] * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+    return bool(((y.double() - exact).abs() <= bound + 1e-30).all())
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(16,), (7, 16), (2, 5, 16), (0, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_path_agrees_with_f_linear_to_float32_rounding(shape, bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(24, 16)
+    b = torch.randn(24) if bias else None
+    with torch.no_grad():
+        y = linear(x, w, b)
+    assert y.shape == F.linear(x, w, b).shape and y.dtype == torch.float32
+    assert _close_to_float64(y, x, w, b)
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_fast_path_takes_strided_views():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 64).transpose(0, 1)  # (3, 5, 64), not contiguous
+    w = torch.randn(64, 48).t()  # (48, 64), not contiguous
+    with torch.no_grad():
+        y = linear(x, w)
+    assert _close_to_float64(y, x, w, None)
+
+
+@needs_onednn
+def test_the_fast_path_really_runs_onednn_and_only_without_autograd():
+    torch.manual_seed(0)
+    x, layer = torch.randn(4, 32), Linear(32, 8)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: layer(x))
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: linear(x, layer.weight))  # fast by default
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: F.linear(x, layer.weight, layer.bias))
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: layer(x))
+    # autograd records: the parameters need a gradient, and oneDNN's op has none -> F.linear
+    ops = _ops(lambda: layer(x))
+    assert "mkldnn::_linear_pointwise" not in ops and "aten::linear" in ops
+    set_fast(layer, False)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: layer(x))
+
+
+def test_the_op_is_found_where_torch_has_onednn():
+    assert (lin_mod._ONEDNN_LINEAR is not None) == torch.backends.mkldnn.is_available()
+
+
+def test_uses_onednn_conditions(monkeypatch):
+    x, w, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(2)
+    available = lin_mod._ONEDNN_LINEAR is not None
+    with torch.no_grad():
+        assert uses_onednn(x, w, b) is available and uses_onednn(x, w) is available
+        assert uses_onednn(x, nn.Parameter(w), b) is available  # no_grad: a parameter's requires_grad is moot
+        assert uses_onednn(x.bfloat16(), w.bfloat16()) is False  # bf16 already goes to oneDNN inside F.linear
+        assert uses_onednn(x.double(), w.double()) is False
+        assert uses_onednn(x, w, b.double()) is False
+        assert uses_onednn(x.to_sparse(), w) is False
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile traces F.linear
+        assert uses_onednn(x, w, b) is False
+        monkeypatch.undo()
+    assert uses_onednn(x, w, b) is available  # grad mode on, but nothing requires a gradient
+    for args in ((x.requires_grad_(), w, b), (x.detach(), w.requires_grad_(), b), (x.detach(), w.detach(),
+                                                                                     b.requires_grad_())):
+        assert uses_onednn(*args) is False
+
+
+def test_gradients_are_f_linears_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, requires_grad=True)
+    layer = Linear(16, 8)
+    ref = nn.Linear(16, 8)
+    ref.load_state_dict(layer.state_dict())
+    y, y_ref = layer(x), ref(x)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    dw, db = torch.autograd.grad(y, (layer.weight, layer.bias), g)
+    want = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+    for got, exp in zip((dx, dw, db), want):
+        assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_false_is_f_linear_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    layer = Linear(64, 40).to(dtype)
+    x = torch.randn(3, 9, 64, dtype=dtype)
+    set_fast(layer, False)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    set_fast(layer, True)
+    with torch.no_grad():
+        if dtype == torch.bfloat16:  # not ours to route: F.linear
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        else:
+            assert _close_to_float64(layer(x), x, layer.weight, layer.bias)
+
+
+def test_linear_is_an_nn_linear_with_its_names():
+    layer = Linear(5, 3)
+    assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
