@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.linear import Linear
+
 
 def scaled_dot_product_attention(
     q: torch.Tensor,
@@ -168,10 +170,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
         kv_dim = d_model if kv_dim is None else kv_dim
         self.n_head, self.causal, self.dropout, self.use_sdpa = n_head, causal, dropout, use_sdpa
-        self.query = nn.Linear(d_model, d_model, bias=bias)
-        self.key = nn.Linear(kv_dim, d_model, bias=bias)
-        self.value = nn.Linear(kv_dim, d_model, bias=bias)
-        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.query = Linear(d_model, d_model, bias=bias)
+        self.key = Linear(kv_dim, d_model, bias=bias)
+        self.value = Linear(kv_dim, d_model, bias=bias)
+        self.out = Linear(d_model, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,

@@ -5,10 +5,11 @@
 Every projection in a transformer is this one product, and on a CPU it is nearly all of the time
 (≥ 95% of a Llama forward). torch sends a float32 `F.linear` on CPU to MKL's sgemm; on the AMD EPYC
 this project is measured on, oneDNN (torch's other CPU GEMM library, which it already uses for
-bfloat16) computes the same float32 product 2–2.5× faster (1.5–2× for one row, the decoding step);
-on Intel CPUs, where MKL picks its own best kernels, expect the two to be close. So `linear` routes float32 CPU products to oneDNN when nothing needs their
-gradient (oneDNN's op has no backward: under autograd it falls back to F.linear), and everything
-else — CUDA, bfloat16 / float16 (already oneDNN on CPU), training — to F.linear unchanged.
+bfloat16) computes the same float32 product 2–2.5× faster (1.5–2× for one row, the decoding step).
+On Intel CPUs, where MKL picks its own best kernels, expect the two to be close. So `linear` routes
+float32 CPU products to oneDNN when nothing needs their gradient (oneDNN's op has no backward:
+under autograd it falls back to F.linear), and everything else — CUDA, bfloat16 / float16 (already
+oneDNN inside F.linear on CPU), training — to F.linear unchanged.
 
 Both are IEEE float32 products that differ only in summation order: results agree to float32
 rounding (relative ~1e-6 for K = 2048), not bit for bit. `Linear.fast = False` on a layer (or
@@ -41,9 +42,10 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
-    """True when `linear` sends this product to oneDNN: float32 dense CPU tensors, no gradient needed."""
-    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling():
-        return False
+    """True when `linear` sends this product to oneDNN: float32 dense CPU tensors, no gradient needed, no
+    CPU autocast, not being traced by torch.compile."""
+    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False  # under autocast F.linear casts to the autocast dtype; oneDNN's op would not
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32
            or t.layout != torch.strided for t in tensors):

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.dynamic8bit import BLOCKSIZE, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from minillm.linear import linear
 
 # The 16 NF4 values, exactly as bitsandbytes defines them. Derivation (bitsandbytes'
 # create_normal_map(offset=0.9677083, use_extra_value=True)): take the standard normal
@@ -254,7 +255,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         w = layer.dequantize_weight(dtype)
         if layer.save_weight_for_backward:
             ctx.save_for_backward(w)
-        return F.linear(x, w, bias)
+        return linear(x, w, bias)  # autograd is off in here: float32 on CPU goes to oneDNN (minillm.linear)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -262,7 +263,7 @@ class _Linear4bitFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             saved = ctx.saved_tensors  # read once: checkpointing lets a saved tensor be unpacked only once
             w = saved[0] if saved else ctx.layer.dequantize_weight(ctx.dtype)
-            grad_x = grad_out @ w  # (..., out) @ (out, in)
+            grad_x = linear(grad_out, w.t())  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_b, None, None
@@ -341,7 +342,7 @@ class Linear4bit(nn.Module):
         xc = x.to(dtype)
         if torch.is_grad_enabled() and (xc.requires_grad or (b is not None and b.requires_grad)):
             return _Linear4bitFunction.apply(xc, b, self, dtype).to(x.dtype)  # re-dequantizes in backward
-        return F.linear(xc, self.dequantize_weight(dtype), b).to(x.dtype)  # W: (out, in)
+        return linear(xc, self.dequantize_weight(dtype), b).to(x.dtype)  # W: (out, in)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -31,12 +31,13 @@ MODULES = {"qlora": "qlora_memory"}  # area -> benches/<module>.py where the nam
 
 def interleaved(fn_a, fn_b, repeat: int = 5, warmup: int = 1, sync=None, pairs: bool = False) -> tuple:
     """Median seconds of a and b, alternating calls so that machine noise hits both alike; with pairs=True
-    also the median of the pair-by-pair ratios a/b (which a drift of the machine's speed cannot bias)."""
+    also the median of the pair-by-pair ratios a/b (which a drift of the machine's speed cannot bias). The
+    order within a pair alternates (a b, b a, a b, ...), so that neither side always runs second."""
     for _ in range(warmup):
         fn_a(); fn_b()
     ta, tb = [], []
-    for _ in range(repeat):
-        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+    for i in range(repeat):
+        for fn, acc in ((fn_a, ta), (fn_b, tb))[::1 if i % 2 == 0 else -1]:
             if sync:
                 sync()
             t = time.perf_counter()

@@ -86,6 +86,11 @@ def test_uses_onednn_conditions(monkeypatch):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile traces F.linear
         assert uses_onednn(x, w, b) is False
         monkeypatch.undo()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear casts to bf16 there; oneDNN's op would not
+            assert uses_onednn(x, w, b) is False
+            assert linear(x, w, b).dtype == torch.bfloat16
+            assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        assert uses_onednn(x, w, b) is available
     assert uses_onednn(x, w, b) is available  # grad mode on, but nothing requires a gradient
     for args in ((x.requires_grad_(), w, b), (x.detach(), w.requires_grad_(), b), (x.detach(), w.detach(),
                                                                                      b.requires_grad_())):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from minillm import hub
 from minillm.configs import classifier_config, config_from_dict, hub_config, validate_config
+from minillm.linear import Linear
 from minillm.losses import mean_pool
 from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention,
                                    check_input_ids, init_weights, key_mask, load_base_model)
@@ -95,7 +96,7 @@ class BertAddNorm(nn.Module):
 
     def __init__(self, d_in: int, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.dense = Linear(d_in, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -218,7 +219,7 @@ class BertForSequenceClassification(nn.Module):
         self.bert = BertModel(cfg, add_pooling_layer=True)
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.classifier = Linear(cfg.hidden_size, cfg.num_labels)
         init_weights(self.classifier, cfg.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):

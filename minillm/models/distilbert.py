@@ -28,6 +28,7 @@ import torch.nn as nn
 from minillm import hub
 from minillm.configs import classifier_config, config_from_dict, hub_config, validate_config
 from minillm.attention import merge_heads, scaled_dot_product_attention, split_heads
+from minillm.linear import Linear
 from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, check_input_ids, init_weights, key_mask,
                                    load_base_model)
 
@@ -100,7 +101,7 @@ class MultiHeadSelfAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.dim
-        self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(D, D) for _ in range(4))
+        self.q_lin, self.k_lin, self.v_lin, self.out_lin = (Linear(D, D) for _ in range(4))
 
     def forward(self, x, mask=None, return_weights: bool = False):
         nh = self.cfg.n_heads
@@ -115,8 +116,8 @@ class MultiHeadSelfAttention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, cfg: DistilBertConfig):
         super().__init__()
-        self.lin1 = nn.Linear(cfg.dim, cfg.hidden_dim)
-        self.lin2 = nn.Linear(cfg.hidden_dim, cfg.dim)
+        self.lin1 = Linear(cfg.dim, cfg.hidden_dim)
+        self.lin2 = Linear(cfg.hidden_dim, cfg.dim)
         self.act = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -186,8 +187,8 @@ class DistilBertForSequenceClassification(nn.Module):
         super().__init__()
         self.config = cfg
         self.distilbert = DistilBertModel(cfg)
-        self.pre_classifier = nn.Linear(cfg.dim, cfg.dim)
-        self.classifier = nn.Linear(cfg.dim, cfg.num_labels)
+        self.pre_classifier = Linear(cfg.dim, cfg.dim)
+        self.classifier = Linear(cfg.dim, cfg.num_labels)
         self.dropout = nn.Dropout(cfg.seq_classif_dropout)
         init_weights(self.pre_classifier, cfg.initializer_range)
         init_weights(self.classifier, cfg.initializer_range)

@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 
 from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict, validate_config
+from minillm.linear import Linear
 from minillm.models.layers import (ACTIVATIONS, check_input_ids, keep_last, resize_vocab,
                                    set_gradient_checkpointing)
 from minillm.attention import (KVCache, causal_mask, merge_heads, padding_mask, scaled_dot_product_attention,
@@ -90,11 +91,11 @@ class GPT2Attention(nn.Module):
             raise hub.CheckpointError(f"config: n_embd={C} is not divisible by n_head={cfg.n_head}")
         self.cfg, self.layer_idx, self.is_cross = cfg, layer_idx, is_cross
         if is_cross:
-            self.q_attn = nn.Linear(C, C)
-            self.c_attn = nn.Linear(C, 2 * C)
+            self.q_attn = Linear(C, C)
+            self.c_attn = Linear(C, 2 * C)
         else:
-            self.c_attn = nn.Linear(C, 3 * C)
-        self.c_proj = nn.Linear(C, C)
+            self.c_attn = Linear(C, 3 * C)
+        self.c_proj = Linear(C, C)
         self.attn_dropout = cfg.attn_pdrop
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
         scale = 1.0 / math.sqrt(C // cfg.n_head) if cfg.scale_attn_weights else 1.0
@@ -127,8 +128,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         inner = cfg.n_inner or 4 * cfg.n_embd
-        self.c_fc = nn.Linear(cfg.n_embd, inner)
-        self.c_proj = nn.Linear(inner, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, inner)
+        self.c_proj = Linear(inner, cfg.n_embd)
         if cfg.activation_function not in ACTIVATIONS:
             raise hub.CheckpointError(f"config: activation_function '{cfg.activation_function}' not supported "
                                       f"(one of {sorted(ACTIVATIONS)})")
@@ -231,7 +232,7 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = GPT2Model(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):

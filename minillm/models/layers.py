@@ -171,7 +171,7 @@ class Pooler(nn.Module):
 
     def __init__(self, hidden: int, out: int, act: str = "tanh"):
         super().__init__()
-        self.dense = nn.Linear(hidden, out)
+        self.dense = Linear(hidden, out)
         self.act = torch.tanh if act == "tanh" else activation(act)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -194,7 +194,7 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float, use_sdpa: bool = True, bias: bool = True):
         super().__init__()
         self.heads, self.dropout_p, self.use_sdpa = heads, dropout, use_sdpa
-        self.query, self.key, self.value = (nn.Linear(hidden, hidden, bias=bias) for _ in range(3))
+        self.query, self.key, self.value = (Linear(hidden, hidden, bias=bias) for _ in range(3))
 
     def forward(self, x, mask=None, return_weights: bool = False):
         q, k, v = (split_heads(f(x), self.heads) for f in (self.query, self.key, self.value))  # (B, nh, T, hs)
@@ -209,7 +209,7 @@ class Intermediate(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str):
         super().__init__()
-        self.dense = nn.Linear(hidden, intermediate)
+        self.dense = Linear(hidden, intermediate)
         self.act = activation(act)
 
     def forward(self, x):

@@ -20,7 +20,10 @@ attention, so the config is accepted and a sequence longer than the window is re
 (instead of silently computing something else). With an attention_mask, positions come from the mask
 (cumsum − 1), as transformers' generate does. (RoPE scores depend on m − n only, so a left-padded row would get
 the unpadded row's logits, up to rounding, even from shifted positions; the mask's positions keep them
-equal to transformers' own, angle for angle.)
+equal to transformers' own, angle for angle.) RoPE sums its two products in place (autograd needs neither),
+and without autograd (generation, evaluation) RMSNorm and SwiGLU also multiply in place into tensors
+they made themselves: the same products bit for bit, fewer temporaries. The projections are
+minillm.linear.Linear (float32 on CPU without autograd: oneDNN's GEMM).
 
 Sources: Touvron et al., "LLaMA" (2023) and "Llama 2" (2023); Su et al., "RoFormer" (2021) for RoPE;
 Shazeer, "GLU Variants Improve Transformer" (2020); Ainslie et al., "GQA" (2023); Zhang & Sennrich,

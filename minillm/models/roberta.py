@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from minillm import hub
 from minillm.configs import config_from_dict
+from minillm.linear import Linear
 from minillm.models.bert import BertConfig, BertEmbeddings, BertModel
 from minillm.models.layers import init_weights
 
@@ -111,9 +112,9 @@ class RobertaClassificationHead(nn.Module):
     def __init__(self, cfg: RobertaConfig):
         super().__init__()
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = nn.Dropout(p)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.out_proj = Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.dropout(h[:, 0])  # (B, H): <s>, the first token

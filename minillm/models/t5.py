@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from minillm import hub
 from minillm.configs import config_from_dict
+from minillm.linear import Linear
 from minillm.models.layers import check_input_ids
 # re-exported: tests and callers import these from minillm.models.t5
 from minillm.models.t5_layers import (T5Attention, T5Cache, T5Config, T5DenseReluDense, T5LayerNorm, T5Stack,  # noqa: F401
@@ -60,7 +61,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, is_decoder=False)
         self.decoder = T5Stack(cfg, is_decoder=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight

@@ -44,6 +44,7 @@ import torch.nn as nn
 from minillm import hub
 from minillm.configs import as_config_dict, validate_config
 from minillm.attention import KVCache, causal_mask, merge_heads, scaled_dot_product_attention, split_heads
+from minillm.linear import Linear
 from minillm.models.layers import ACTIVATIONS
 
 
@@ -214,10 +215,10 @@ class T5Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx, self.is_cross = cfg, layer_idx, is_cross
         inner = cfg.inner_dim
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q = Linear(cfg.d_model, inner, bias=False)
+        self.k = Linear(cfg.d_model, inner, bias=False)
+        self.v = Linear(cfg.d_model, inner, bias=False)
+        self.o = Linear(inner, cfg.d_model, bias=False)
         if has_relative_bias:
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
@@ -279,11 +280,11 @@ class T5DenseReluDense(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         if cfg.is_gated:
-            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.act, self.is_gated = ACTIVATIONS[cfg.activation], cfg.is_gated
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from minillm import hub
 from minillm.configs import as_config_dict, validate_config
+from minillm.linear import Linear
 from minillm.models.layers import (ACTIVATIONS, Encoder, EncoderOutput, Intermediate, Pooler, SelfAttention,
                                    init_weights, load_base_model)
 
@@ -127,7 +128,7 @@ class ViTDense(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, p: float):
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.dropout = nn.Dropout(p)
 
     def forward(self, x):

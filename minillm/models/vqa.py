@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.linear import Linear
 from minillm.losses import mean_pool
 from minillm.models.gpt2 import GPT2LMHeadModel
 
@@ -66,8 +67,8 @@ class MultiModalModel(nn.Module):
         self.decoder = decoder
         C = decoder.config.n_embd
         # All three of the book's models are 768 wide; the projections are kept anyway as trainable translators.
-        self.text_projection = nn.Linear(text_encoder.config.hidden_size, C)
-        self.image_projection = nn.Linear(image_encoder.config.hidden_size, C)
+        self.text_projection = Linear(text_encoder.config.hidden_size, C)
+        self.image_projection = Linear(image_encoder.config.hidden_size, C)
 
     # ---- inputs ----
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
