@@ -11,6 +11,10 @@ float32 CPU products to oneDNN when nothing needs their gradient (oneDNN's op ha
 under autograd it falls back to F.linear), and everything else — CUDA, bfloat16 / float16 (already
 oneDNN inside F.linear on CPU), training — to F.linear unchanged.
 
+oneDNN pays ~20 µs per call before any arithmetic, so small products stay on F.linear (4–5× faster
+there: a 64-wide toy model's layers): oneDNN takes a product only when W has ≥ 2¹⁹ entries (a 768×768
+projection and up) or the product has ≥ 2²² multiply-adds; both thresholds measured on this machine.
+
 Both are IEEE float32 products that differ only in summation order: results agree to float32
 rounding (relative ~1e-6 for K = 2048), not bit for bit. `Linear.fast = False` on a layer (or
 `set_fast(model, False)`) restores F.linear exactly.
@@ -39,17 +43,22 @@ def _onednn_linear_op():
 
 
 _ONEDNN_LINEAR = _onednn_linear_op()
+ONEDNN_MIN_WEIGHT = 1 << 19  # entries of W from which oneDNN wins even for one row (decoding)
+ONEDNN_MIN_MACS = 1 << 22  # multiply-adds (rows · in · out) from which it wins for smaller W
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
-    """True when `linear` sends this product to oneDNN: float32 dense CPU tensors, no gradient needed, no
-    CPU autocast, not being traced by torch.compile."""
+    """True when `linear` sends this product to oneDNN: float32 dense CPU tensors, a product big enough,
+    no gradient needed, no CPU autocast, not being traced by torch.compile."""
     if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False  # under autocast F.linear casts to the autocast dtype; oneDNN's op would not
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32
            or t.layout != torch.strided for t in tensors):
         return False
+    macs = x.numel() * weight.shape[0]  # rows · in · out
+    if weight.dim() != 2 or (weight.numel() < ONEDNN_MIN_WEIGHT and macs < ONEDNN_MIN_MACS):
+        return False  # too small: oneDNN's per-call overhead outweighs its faster arithmetic
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 

@@ -13,6 +13,13 @@ from minillm.linear import Linear, linear, set_fast, uses_onednn
 needs_onednn = pytest.mark.skipif(lin_mod._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """oneDNN for products of any size (the tests' small shapes would otherwise stay on F.linear)."""
+    monkeypatch.setattr(lin_mod, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(lin_mod, "ONEDNN_MIN_MACS", 0)
+
+
 def _ops(fn) -> set:
     """The names of the operators `fn` runs (what the dispatcher actually called)."""
     with profile(activities=[ProfilerActivity.CPU]) as p:
@@ -30,7 +37,7 @@ def _close_to_float64(y, x, w, b):
 @needs_onednn
 @pytest.mark.parametrize("shape", [(16,), (7, 16), (2, 5, 16), (0, 16)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fast_path_agrees_with_f_linear_to_float32_rounding(shape, bias):
+def test_fast_path_agrees_with_f_linear_to_float32_rounding(shape, bias, any_size):
     torch.manual_seed(0)
     x, w = torch.randn(shape), torch.randn(24, 16)
     b = torch.randn(24) if bias else None
@@ -42,7 +49,7 @@ def test_fast_path_agrees_with_f_linear_to_float32_rounding(shape, bias):
 
 
 @needs_onednn
-def test_fast_path_takes_strided_views():
+def test_fast_path_takes_strided_views(any_size):
     torch.manual_seed(0)
     x = torch.randn(5, 3, 64).transpose(0, 1)  # (3, 5, 64), not contiguous
     w = torch.randn(64, 48).t()  # (48, 64), not contiguous
@@ -52,7 +59,7 @@ def test_fast_path_takes_strided_views():
 
 
 @needs_onednn
-def test_the_fast_path_really_runs_onednn_and_only_without_autograd():
+def test_the_fast_path_really_runs_onednn_and_only_without_autograd(any_size):
     torch.manual_seed(0)
     x, layer = torch.randn(4, 32), Linear(32, 8)
     with torch.no_grad():
@@ -73,7 +80,7 @@ def test_the_op_is_found_where_torch_has_onednn():
     assert (lin_mod._ONEDNN_LINEAR is not None) == torch.backends.mkldnn.is_available()
 
 
-def test_uses_onednn_conditions(monkeypatch):
+def test_uses_onednn_conditions(monkeypatch, any_size):
     x, w, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(2)
     available = lin_mod._ONEDNN_LINEAR is not None
     with torch.no_grad():
@@ -85,7 +92,7 @@ def test_uses_onednn_conditions(monkeypatch):
         assert uses_onednn(x.to_sparse(), w) is False
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile traces F.linear
         assert uses_onednn(x, w, b) is False
-        monkeypatch.undo()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear casts to bf16 there; oneDNN's op would not
             assert uses_onednn(x, w, b) is False
             assert linear(x, w, b).dtype == torch.bfloat16
@@ -114,7 +121,7 @@ def test_gradients_are_f_linears_exactly():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_false_is_f_linear_bit_for_bit(dtype):
+def test_fast_false_is_f_linear_bit_for_bit(dtype, any_size):
     torch.manual_seed(0)
     layer = Linear(64, 40).to(dtype)
     x = torch.randn(3, 9, 64, dtype=dtype)
@@ -132,3 +139,18 @@ def test_fast_false_is_f_linear_bit_for_bit(dtype):
 def test_linear_is_an_nn_linear_with_its_names():
     layer = Linear(5, 3)
     assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_small_products_stay_on_f_linear():
+    """oneDNN's fixed cost per call loses below 2^19 weight entries unless the product has 2^22 multiply-adds."""
+    available = lin_mod._ONEDNN_LINEAR is not None
+    with torch.no_grad():
+        w_big, w_small = torch.randn(1024, 512), torch.randn(256, 128)  # 2^19 and 2^15 entries
+        assert uses_onednn(torch.randn(1, 512), w_big) is available  # one row (decoding) of a big W
+        assert uses_onednn(torch.randn(1, 512), w_big[:-1]) is False  # 1023 x 512: one row short of 2^19 entries
+        assert uses_onednn(torch.randn(128, 128), w_small) is available  # 128 · 128 · 256 = 2^22
+        assert uses_onednn(torch.randn(2, 63, 128), w_small) is False  # 126 rows: just under
+        assert uses_onednn(torch.randn(64, 16), torch.randn(24, 16)) is False
+        assert uses_onednn(torch.randn(2048, 16), torch.randn(16)) is False  # a 1-D weight: F.linear's business
+        layer = Linear(64, 64)
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: layer(torch.randn(8, 64)))
