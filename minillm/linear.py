@@ -7,13 +7,20 @@ Every projection in a transformer is this one product, and on a CPU it is nearly
 this project is measured on, oneDNN (torch's other CPU GEMM library, which it already uses for
 bfloat16) computes the same float32 product 2–2.5× faster (1.5–2× for one row, the decoding step).
 On Intel CPUs, where MKL picks its own best kernels, expect the two to be close. So `linear` routes
-float32 CPU products to oneDNN when nothing needs their gradient (oneDNN's op has no backward:
-under autograd it falls back to F.linear), and everything else — CUDA, bfloat16 / float16 (already
-oneDNN inside F.linear on CPU), training — to F.linear unchanged.
+float32 CPU products to oneDNN, and everything else — CUDA, bfloat16 / float16 (already oneDNN inside
+F.linear on CPU), autocast, torch.compile — to F.linear unchanged. oneDNN's op has no backward of its
+own, so under autograd the product goes through `_OneDNNLinear`, whose backward is the two products
+of the chain rule, on oneDNN as well (F.linear when create_graph records a second derivative):
 
-oneDNN pays ~20 µs per call before any arithmetic, so small products stay on F.linear (4–5× faster
-there: a 64-wide toy model's layers): oneDNN takes a product only when W has ≥ 2¹⁹ entries (a 768×768
-projection and up) or the product has ≥ 2²² multiply-adds; both thresholds measured on this machine.
+    dx = g W              (..., out) · (out, in)
+    dW = gᵀ x             (out, rows) · (rows, in)
+    db = Σ_rows g
+
+oneDNN pays ~20 µs per call before any arithmetic, so small layers stay on F.linear (3–5× faster
+there: a 64-wide toy model's layers): oneDNN takes a product only when W has ≥ 2¹⁸ entries (a 512×512
+projection and up; measured here: from there it wins from a few rows on and loses ~5 µs for one row).
+The choice depends on the layer alone, never on the batch, so a layer sums in the same order whatever
+the batch size or cache state (what accumulation = one large batch, cached = uncached rely on).
 
 Both are IEEE float32 products that differ only in summation order: results agree to float32
 rounding (relative ~1e-6 for K = 2048), not bit for bit. `Linear.fast = False` on a layer (or
@@ -43,29 +50,62 @@ def _onednn_linear_op():
 
 
 _ONEDNN_LINEAR = _onednn_linear_op()
-ONEDNN_MIN_WEIGHT = 1 << 19  # entries of W from which oneDNN wins even for one row (decoding)
-ONEDNN_MIN_MACS = 1 << 22  # multiply-adds (rows · in · out) from which it wins for smaller W
+ONEDNN_MIN_WEIGHT = 1 << 18  # entries of W from which a layer's products go to oneDNN
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """True when `linear` sends this product to oneDNN: float32 dense CPU tensors, a product big enough,
-    no gradient needed, no CPU autocast, not being traced by torch.compile."""
+    no CPU autocast, not being traced by torch.compile."""
     if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False  # under autocast F.linear casts to the autocast dtype; oneDNN's op would not
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32
            or t.layout != torch.strided for t in tensors):
         return False
-    macs = x.numel() * weight.shape[0]  # rows · in · out
-    if weight.dim() != 2 or (weight.numel() < ONEDNN_MIN_WEIGHT and macs < ONEDNN_MIN_MACS):
+    if weight.dim() != 2 or weight.numel() < ONEDNN_MIN_WEIGHT:
         return False  # too small: oneDNN's per-call overhead outweighs its faster arithmetic
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return True
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bᵀ for _OneDNNLinear's backward: oneDNN, or F.linear when a second derivative is being recorded
+    (create_graph) or the summed dimension is empty (oneDNN refuses it)."""
+    if torch.is_grad_enabled() or a.shape[-1] == 0:
+        return F.linear(a, b)
+    return _ONEDNN_LINEAR(a, b, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x Wᵀ + b on oneDNN, with the chain rule's products (on oneDNN too) as its backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (rows, out), (rows, in)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _product(g, weight.t())  # (..., out) · (out, in)
+        if ctx.needs_input_grad[1]:
+            dw = _product(g2.t(), x2.t())  # (out, rows) · (rows, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dw, db
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            fast: bool = True) -> torch.Tensor:
-    """x Wᵀ + b: oneDNN for float32 CPU products that need no gradient (with fast=True), else F.linear."""
+    """x Wᵀ + b: oneDNN for big float32 CPU products (with fast=True; under autograd through
+    _OneDNNLinear), else F.linear."""
     if fast and uses_onednn(x, weight, bias):
+        tensors = (x, weight) if bias is None else (x, weight, bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _OneDNNLinear.apply(x, weight, bias)
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -17,7 +17,6 @@ needs_onednn = pytest.mark.skipif(lin_mod._ONEDNN_LINEAR is None, reason="this t
 def any_size(monkeypatch):
     """oneDNN for products of any size (the tests' small shapes would otherwise stay on F.linear)."""
     monkeypatch.setattr(lin_mod, "ONEDNN_MIN_WEIGHT", 0)
-    monkeypatch.setattr(lin_mod, "ONEDNN_MIN_MACS", 0)
 
 
 def _ops(fn) -> set:
@@ -59,7 +58,7 @@ def test_fast_path_takes_strided_views(any_size):
 
 
 @needs_onednn
-def test_the_fast_path_really_runs_onednn_and_only_without_autograd(any_size):
+def test_the_fast_path_really_runs_onednn_with_and_without_autograd(any_size):
     torch.manual_seed(0)
     x, layer = torch.randn(4, 32), Linear(32, 8)
     with torch.no_grad():
@@ -68,9 +67,8 @@ def test_the_fast_path_really_runs_onednn_and_only_without_autograd(any_size):
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: F.linear(x, layer.weight, layer.bias))
     with torch.inference_mode():
         assert "mkldnn::_linear_pointwise" in _ops(lambda: layer(x))
-    # autograd records: the parameters need a gradient, and oneDNN's op has none -> F.linear
-    ops = _ops(lambda: layer(x))
-    assert "mkldnn::_linear_pointwise" not in ops and "aten::linear" in ops
+    ops = _ops(lambda: layer(x).sum().backward())  # autograd: the Function, whose backward is oneDNN too
+    assert "_OneDNNLinear" in ops and "aten::linear" not in ops and "aten::mm" not in ops
     set_fast(layer, False)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: layer(x))
@@ -101,23 +99,65 @@ def test_uses_onednn_conditions(monkeypatch, any_size):
     assert uses_onednn(x, w, b) is available  # grad mode on, but nothing requires a gradient
     for args in ((x.requires_grad_(), w, b), (x.detach(), w.requires_grad_(), b), (x.detach(), w.detach(),
                                                                                      b.requires_grad_())):
-        assert uses_onednn(*args) is False
+        assert uses_onednn(*args) is available  # autograd goes through _OneDNNLinear
 
 
-def test_gradients_are_f_linears_exactly():
+@pytest.mark.parametrize("shape", [(6, 16), (2, 3, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_gradients_are_the_chain_rules_to_float32_rounding(shape, bias, expanded, any_size):
+    """dx = g W, dW = gᵀ x, db = Σ g against float64; `expanded`: the stride-0 gradient of a .sum()."""
     torch.manual_seed(0)
-    x = torch.randn(6, 16, requires_grad=True)
+    x = torch.randn(shape, requires_grad=True)
+    layer = Linear(16, 8, bias=bias)
+    y = layer(x)
+    g = torch.ones(1).expand_as(y) if expanded else torch.randn_like(y)
+    wanted = (x, layer.weight) + ((layer.bias,) if bias else ())
+    got = torch.autograd.grad(y, wanted, g)
+    x64, w64, g64 = x.detach().double(), layer.weight.detach().double(), g.double()
+    dx = g64 @ w64
+    dw = g64.reshape(-1, 8).t() @ x64.reshape(-1, 16)
+    rows = x64.reshape(-1, 16).shape[0]
+    assert ((got[0].double() - dx).abs() <= 8 * 2.0 ** -24 * (g64.abs() @ w64.abs()) + 1e-30).all()
+    assert ((got[1].double() - dw).abs()
+            <= rows * 2.0 ** -24 * (g64.abs().reshape(-1, 8).t() @ x64.abs().reshape(-1, 16)) + 1e-30).all()
+    if bias:
+        torch.testing.assert_close(got[2].double(), g64.reshape(-1, 8).sum(0), atol=1e-5, rtol=1e-6)
+    ref = nn.Linear(16, 8, bias=bias)
+    ref.load_state_dict(layer.state_dict())
+    want = torch.autograd.grad(ref(x), (x, ref.weight) + ((ref.bias,) if bias else ()), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_weight_and_input_without_grad(any_size):
+    torch.manual_seed(0)
+    layer = Linear(16, 8).requires_grad_(False)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(5, 16, requires_grad=True)
+    dx, db = torch.autograd.grad(layer(x).square().sum(), (x, layer.bias))
+    y = F.linear(x, layer.weight, layer.bias)
+    want = torch.autograd.grad(y.square().sum(), (x, layer.bias))
+    torch.testing.assert_close(dx, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, want[1], atol=1e-5, rtol=1e-5)
     layer = Linear(16, 8)
+    x = torch.randn(5, 16)  # no gradient for x: only dW, db
+    dw, db = torch.autograd.grad(layer(x).sum(), (layer.weight, layer.bias))
+    torch.testing.assert_close(dw, torch.ones(5, 8).t() @ x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, torch.full((8,), 5.0))
+
+
+def test_second_derivatives_work(any_size):
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    (dx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    (ddw,) = torch.autograd.grad(dx.sum(), layer.weight)
     ref = nn.Linear(16, 8)
     ref.load_state_dict(layer.state_dict())
-    y, y_ref = layer(x), ref(x)
-    assert torch.equal(y, y_ref)
-    g = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, g, retain_graph=True)
-    dw, db = torch.autograd.grad(y, (layer.weight, layer.bias), g)
-    want = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
-    for got, exp in zip((dx, dw, db), want):
-        assert torch.equal(got, exp)
+    (rdx,) = torch.autograd.grad(ref(x).square().sum(), x, create_graph=True)
+    (rddw,) = torch.autograd.grad(rdx.sum(), ref.weight)
+    torch.testing.assert_close(ddw, rddw, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,16 +181,33 @@ def test_linear_is_an_nn_linear_with_its_names():
     assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
 
 
-def test_small_products_stay_on_f_linear():
-    """oneDNN's fixed cost per call loses below 2^19 weight entries unless the product has 2^22 multiply-adds."""
+def test_small_layers_stay_on_f_linear():
+    """oneDNN's fixed cost per call loses below 2^18 weight entries; the choice is the layer's, not the batch's."""
     available = lin_mod._ONEDNN_LINEAR is not None
     with torch.no_grad():
-        w_big, w_small = torch.randn(1024, 512), torch.randn(256, 128)  # 2^19 and 2^15 entries
-        assert uses_onednn(torch.randn(1, 512), w_big) is available  # one row (decoding) of a big W
-        assert uses_onednn(torch.randn(1, 512), w_big[:-1]) is False  # 1023 x 512: one row short of 2^19 entries
-        assert uses_onednn(torch.randn(128, 128), w_small) is available  # 128 · 128 · 256 = 2^22
-        assert uses_onednn(torch.randn(2, 63, 128), w_small) is False  # 126 rows: just under
-        assert uses_onednn(torch.randn(64, 16), torch.randn(24, 16)) is False
+        w_big = torch.randn(512, 512)  # 2^18 entries
+        assert uses_onednn(torch.randn(1, 512), w_big) is available  # one row (decoding) of a big enough W
+        assert uses_onednn(torch.randn(4096, 512), w_big) is available
+        assert uses_onednn(torch.randn(1, 512), w_big[:-1]) is False  # 511 x 512: just under
+        assert uses_onednn(torch.randn(1 << 16, 64), torch.randn(64, 64)) is False  # many rows: still the layer's
         assert uses_onednn(torch.randn(2048, 16), torch.randn(16)) is False  # a 1-D weight: F.linear's business
         layer = Linear(64, 64)
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: layer(torch.randn(8, 64)))
+
+
+@needs_onednn
+def test_backward_of_empty_rows(any_size):
+    layer = Linear(16, 8)
+    x = torch.randn(0, 16, requires_grad=True)
+    dx, dw = torch.autograd.grad(layer(x).sum(), (x, layer.weight))
+    assert dx.shape == (0, 16) and torch.equal(dw, torch.zeros(8, 16))
+
+
+@needs_onednn
+def test_a_gradient_for_the_bias_alone(any_size):
+    """Only the bias needs a gradient (input without, weight frozen): the product must still be recorded."""
+    layer = Linear(16, 8).requires_grad_(False)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(5, 16)
+    (db,) = torch.autograd.grad(layer(x).sum(), (layer.bias,))
+    assert torch.equal(db, torch.full((8,), 5.0))
