@@ -16,7 +16,7 @@ of the chain rule, on oneDNN as well (F.linear when create_graph records a secon
     dW = gᵀ x             (out, rows) · (rows, in)
     db = Σ_rows g
 
-oneDNN pays ~20 µs per call before any arithmetic, so small layers stay on F.linear (3–5× faster
+oneDNN pays ~20 µs per call before any arithmetic, so small layers stay on F.linear (2–5× faster
 there: a 64-wide toy model's layers): oneDNN takes a product only when W has ≥ 2¹⁸ entries (a 512×512
 projection and up; measured here: from there it wins from a few rows on and loses ~5 µs for one row).
 The choice depends on the layer alone, never on the batch, so a layer sums in the same order whatever
@@ -103,8 +103,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """x Wᵀ + b: oneDNN for big float32 CPU products (with fast=True; under autograd through
     _OneDNNLinear), else F.linear."""
     if fast and uses_onednn(x, weight, bias):
-        tensors = (x, weight) if bias is None else (x, weight, bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch.is_grad_enabled():  # records a backward only where an input needs a gradient
             return _OneDNNLinear.apply(x, weight, bias)
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

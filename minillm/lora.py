@@ -288,8 +288,9 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _plain_linear(layer: nn.Module, delta: Optional[torch.Tensor] = None) -> nn.Linear:
-    """A plain linear (minillm.linear.Linear, an nn.Linear) holding `layer`'s weight (+ delta), computed in float32. A 4-bit layer is dequantized
-    and written back in the dtype it was quantized from; an nn.Linear keeps its dtype."""
+    """A plain linear (minillm.linear.Linear, an nn.Linear) holding `layer`'s weight (+ delta), computed in
+    float32. A 4-bit layer is dequantized and written back in the dtype it was quantized from; an nn.Linear
+    keeps its dtype."""
     if isinstance(layer, Linear4bit):
         w, dtype = layer.dequantize_weight(torch.float32), layer.weight_dtype
     else:

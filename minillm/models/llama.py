@@ -23,7 +23,7 @@ the unpadded row's logits, up to rounding, even from shifted positions; the mask
 equal to transformers' own, angle for angle.) RoPE sums its two products in place (autograd needs neither),
 and without autograd (generation, evaluation) RMSNorm and SwiGLU also multiply in place into tensors
 they made themselves: the same products bit for bit, fewer temporaries. The projections are
-minillm.linear.Linear (float32 on CPU without autograd: oneDNN's GEMM).
+minillm.linear.Linear (float32 on CPU: oneDNN's GEMM, see linear.py).
 
 Sources: Touvron et al., "LLaMA" (2023) and "Llama 2" (2023); Su et al., "RoFormer" (2021) for RoPE;
 Shazeer, "GLU Variants Improve Transformer" (2020); Ainslie et al., "GQA" (2023); Zhang & Sennrich,
