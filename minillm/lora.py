@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from minillm import hub
+from minillm.dropout import Dropout
 from minillm.linear import Linear
 from minillm.nf4 import Linear4bit, quantize_model
 
@@ -45,34 +46,6 @@ KEY_PREFIX = "base_model.model."
 def _merge_warning() -> None:
     warnings.warn("merging LoRA into a 4-bit layer re-quantizes the weight to NF4: the result is lossy "
                   "(outputs differ from the unmerged model by the quantization error)", UserWarning, stacklevel=4)
-
-
-class LoRADropout(nn.Dropout):
-    """Inverted dropout on LoRA's input: each element zeroed with probability p, the rest scaled by 1/(1−p).
-
-    On CPU (fast=True) each element is dropped where a uniform 32-bit integer u falls below t = round(p·2³²):
-    Bernoulli(p) to within 2⁻³². u is compared a byte at a time: its top byte alone decides unless it
-    equals t's (1 element in 256), and only those elements draw u's other 24 bits. So an element costs 8
-    random bits from torch's generator instead of bernoulli_'s double — ~1.8× faster than nn.Dropout here;
-    seeding and checkpoint replay (which restores the RNG state) work as with nn.Dropout. A QLoRA step
-    drops LoRA's inputs 2 × 7 times per layer. fast=False, or a non-CPU tensor (CUDA fuses its own
-    dropout), runs nn.Dropout."""
-
-    def __init__(self, p: float, fast: bool = True):
-        super().__init__(p)
-        self.fast = fast
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fast and self.training and self.p > 0 and x.device.type == "cpu"):
-            return super().forward(x)
-        n = x.numel()
-        hi, lo = divmod(min(2**32 - 1, round(self.p * 2**32)), 2**24)  # t's top byte and low 24 bits
-        # u's top bytes: 8 per 64-bit draw, read as int8, i.e. top byte − 128
-        top = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-2**63, None).view(torch.int8)[:n]
-        keep = top >= hi - 128  # decided where top ≠ hi: keep where top > hi
-        tie = (top == hi - 128).nonzero().squeeze(1)  # top = hi: keep where u's low 24 bits ≥ t's
-        keep[tie] = torch.randint(0, 2**24, (tie.numel(),)) >= lo
-        return x * (keep.view(x.shape) * (1.0 / (1.0 - self.p)))  # the scaled mask, as nn.Dropout makes on CPU
 
 
 class LoRALinear(nn.Module):
@@ -87,7 +60,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         ref = base_layer.weight if isinstance(base_layer, nn.Linear) else base_layer.weight_packed
         dtype = ref.dtype if ref.is_floating_point() else torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=ref.device, dtype=dtype)

@@ -55,6 +55,7 @@ FILE_TESTS: dict[str, list[str]] = {
     "nf4.py": ["tests/test_nf4_pins.py", "tests/test_nf4.py"],
     "dynamic8bit.py": ["tests/test_nf4_pins.py", "tests/test_nf4.py"],
     "linear.py": ["tests/test_linear.py"],
+    "dropout.py": ["tests/test_dropout.py", "tests/test_lora.py"],
     # test_bert/test_reward/test_vqa also use losses.py but take 70-90 s each on 2 cores: left out
     "losses.py": ["tests/test_losses_pins.py", "tests/test_loop.py", "tests/test_ppo.py"],
     "formats.py": ["tests/test_formats_pins.py", "tests/test_formats.py"],
