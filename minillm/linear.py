@@ -26,13 +26,28 @@ Both are IEEE float32 products that differ only in summation order: results agre
 rounding (relative ~1e-6 for K = 2048), not bit for bit. `Linear.fast = False` on a layer (or
 `set_fast(model, False)`) restores F.linear exactly.
 
-Source: torch's `torch.ops.mkldnn._linear_pointwise` (the oneDNN linear torch.compile's CPU backend
-calls); Intel oneDNN's matmul primitive. The measured ratios are in BENCHMARKS.md (area llama).
+Prepacking (inference). oneDNN's fast kernels read W in a blocked layout (for bfloat16, pairs of
+k interleaved), not the row-major (out, in) a Parameter holds, so every call first re-packs the whole
+W. A forward reads each weight once, so that copy is ~5–10% of a 128-row product, but it is most of a
+decoding step's (one row): there the product on a packed W takes 1/3 of the time (measured here). The
+context `prepacked(model)` packs every big float32 / bfloat16 `Linear` weight once on entry and drops
+the copies on exit; inside, products without autograd read the packed copy — the same kernel on the
+same numbers, so bfloat16 results are bit for bit those outside (float32: equal to rounding, one-row
+products take another kernel). It costs one more copy of those weights while it lasts. A weight
+changed inside (an optimizer step, load_state_dict, `.to()`, a new Parameter) is seen — by its
+version counter, storage and identity — and that layer goes back to the plain product; a change
+made through `.data` bypasses the version counter and is not seen.
+
+Source: torch's `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` (the oneDNN linear
+and weight prepacking torch.compile's CPU backend uses); Intel oneDNN's matmul primitive and its
+blocked ("any") weight formats. The measured ratios are in BENCHMARKS.md (area llama).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -110,12 +125,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, names and init) whose forward is `linear` above; fast=False: F.linear."""
+    """nn.Linear (same parameters, names and init) whose forward is `linear` above; fast=False: F.linear.
+    Inside `prepacked(model)`, products without autograd read the packed copy of W (see there)."""
 
     fast: bool = True
+    packed: Optional[tuple] = None  # (weakref to W, W's version, W's storage address, packed W): prepacked()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.fast and not torch.is_grad_enabled():
+            w = self._packed_weight(x)
+            if w is not None:
+                return _ONEDNN_LINEAR(x, w, self.bias, "none", [], "")
         return linear(x, self.weight, self.bias, self.fast)
+
+    def _packed_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The packed W when it is still this layer's W, unchanged, and x is a plain CPU tensor of its dtype."""
+        ref, version, address, packed = self.packed
+        w, b = self.weight, self.bias
+        if ref() is not w or w._version != version or w.data_ptr() != address:
+            return None  # W was replaced, changed in place or moved since it was packed
+        if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != w.dtype or x.layout != torch.strided
+                or (b is not None and b.dtype != w.dtype) or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling()):
+            return None
+        return packed
 
 
 def set_fast(model: nn.Module, fast: bool) -> None:
@@ -123,3 +156,47 @@ def set_fast(model: nn.Module, fast: bool) -> None:
     for m in model.modules():
         if isinstance(m, Linear):
             m.fast = fast
+
+
+def _bfloat16_packable() -> bool:
+    """Whether oneDNN has bfloat16 kernels on this CPU (without them its bf16 linear refuses to run)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PACKABLE = (torch.float32, torch.bfloat16) if _bfloat16_packable() else (torch.float32,)
+
+
+def can_prepack(layer: nn.Module) -> bool:
+    """True for a `Linear` whose W `prepacked` packs: a dense CPU float32 / bfloat16 W with ≥ 2¹⁸ entries."""
+    w = getattr(layer, "weight", None)
+    return (_ONEDNN_LINEAR is not None and isinstance(layer, Linear) and type(w) in (torch.Tensor, nn.Parameter)
+            and w.device.type == "cpu" and w.dtype in PACKABLE and w.layout == torch.strided and w.dim() == 2
+            and w.numel() >= ONEDNN_MIN_WEIGHT)
+
+
+@contextmanager
+def prepacked(model: nn.Module) -> Iterator[nn.Module]:
+    """Inference with every big `Linear` weight of `model` packed once into oneDNN's blocked layout:
+
+        with prepacked(model):
+            generate(model, prompt, max_new_tokens=64)
+
+    Results: bfloat16 bit for bit as outside, float32 to rounding. Memory: one more copy of the packed
+    weights until the block ends. Autograd, autocast, other dtypes and changed weights: the plain product.
+    Layers packed by an enclosing `prepacked` keep their copy when an inner one ends."""
+    mine = []
+    try:
+        with torch.no_grad():
+            for m in model.modules():
+                if can_prepack(m) and m.packed is None:
+                    w = m.weight
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)  # (out, in), blocked inside
+                    m.packed = (weakref.ref(w), w._version, w.data_ptr(), packed)
+                    mine.append(m)
+        yield model
+    finally:
+        for m in mine:
+            m.packed = None

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from minillm import linear as lin_mod
-from minillm.linear import Linear, linear, set_fast, uses_onednn
+from minillm.linear import Linear, can_prepack, linear, prepacked, set_fast, uses_onednn
 
 needs_onednn = pytest.mark.skipif(lin_mod._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
+needs_bf16_packing = pytest.mark.skipif(torch.bfloat16 not in lin_mod.PACKABLE or lin_mod._ONEDNN_LINEAR is None,
+                                        reason="oneDNN has no bfloat16 kernels on this CPU")
 
 
 @pytest.fixture
@@ -207,3 +209,125 @@ def test_a_gradient_for_the_bias_alone(any_size):
     x = torch.randn(5, 16)
     (db,) = torch.autograd.grad(layer(x).sum(), (layer.bias,))
     assert torch.equal(db, torch.full((8,), 5.0))
+
+
+# --- prepacked(model): W packed once for inference ---------------------------------------------------------
+
+def _packed_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(Linear(64, 48), nn.ReLU(), Linear(48, 40, bias=False)).to(dtype)
+
+
+@needs_bf16_packing
+@pytest.mark.parametrize("shape", [(64,), (1, 64), (7, 64), (2, 9, 64), (3, 5, 64)])
+def test_prepacked_bfloat16_is_bit_for_bit_the_plain_product(shape, any_size):
+    model = _packed_model(torch.bfloat16)
+    x = torch.randn(shape).bfloat16()
+    if shape == (3, 5, 64):
+        x = torch.randn(5, 3, 64).bfloat16().transpose(0, 1)  # a strided view
+    with torch.inference_mode():
+        # F.linear on a strided (B, T, in) view with a bias adds the bias after rounding the product to bf16;
+        # on contiguous rows (and oneDNN always) the bias joins the float32 sum: compare with those
+        want = model(x.contiguous())
+        with prepacked(model) as m:
+            assert m is model and all(isinstance(l.packed, tuple) for l in (model[0], model[2]))
+            got = model(x)
+            assert "mkldnn::_linear_pointwise" in _ops(lambda: model(x))  # packed W: the oneDNN op itself
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: model(x))  # bf16 outside: F.linear (aten::mm)
+    assert torch.equal(got, want)
+    assert model[0].packed is None and model[2].packed is None  # dropped on exit
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 6])
+def test_prepacked_float32_agrees_to_rounding(rows, any_size):
+    model = _packed_model(torch.float32)
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        h = F.relu(model[0](x))
+        with prepacked(model):
+            assert all(l.packed is not None for l in (model[0], model[2]))
+            got = model(x)
+            first = model[0](x)
+    assert _close_to_float64(first, x, model[0].weight, model[0].bias)
+    assert _close_to_float64(got, h, model[2].weight, None)
+
+
+@needs_onednn
+def test_prepacked_sees_a_weight_changed_inside(any_size):
+    """An optimizer-style in-place step, a moved storage (.data =) or a new Parameter: the layer goes back to
+    the plain product of its current W."""
+    torch.manual_seed(0)
+    layer, x = Linear(64, 32), torch.randn(4, 64)
+    with prepacked(layer), torch.no_grad():
+        stale = layer(x)
+        layer.weight.mul_(-2.0)  # in place: the version counter moves
+        assert _close_to_float64(layer(x), x, layer.weight, layer.bias)
+        layer.weight.data = layer.weight.data.clone() * 3.0  # a new storage behind the same Parameter
+        assert _close_to_float64(layer(x), x, layer.weight, layer.bias)
+        layer.weight = nn.Parameter(torch.randn(32, 64))  # a new Parameter
+        assert _close_to_float64(layer(x), x, layer.weight, layer.bias)
+        assert not torch.allclose(layer(x), stale)
+
+
+@needs_onednn
+def test_prepacked_leaves_autograd_autocast_and_other_dtypes_to_the_plain_path(any_size, monkeypatch):
+    torch.manual_seed(0)
+    layer, x = Linear(64, 32), torch.randn(4, 64)
+    with prepacked(layer):
+        x.requires_grad_(True)
+        y = layer(x)  # grad mode: through _OneDNNLinear, the packed copy is not read
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        assert _close_to_float64(dx, torch.ones(4, 32), layer.weight.detach().t(), None)
+        x = x.detach()
+        with torch.no_grad():
+            assert layer._packed_weight(x) is layer.packed[3]
+            assert layer._packed_weight(x.double()) is None  # a dtype the packed W is not in
+            assert layer._packed_weight(x.to_sparse()) is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert layer._packed_weight(x) is None
+                assert layer(x).dtype == torch.bfloat16
+            layer.bias.data = layer.bias.data.double()
+            assert layer._packed_weight(x) is None  # a bias in another dtype
+            layer.bias.data = layer.bias.data.float()
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert layer._packed_weight(x) is None  # torch.compile traces F.linear
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+            assert layer._packed_weight(x) is layer.packed[3]
+            layer.fast = False  # fast=False is F.linear exactly, packed or not
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_what_prepacked_packs(any_size):
+    available = lin_mod._ONEDNN_LINEAR is not None
+    assert can_prepack(Linear(8, 4)) is available
+    assert can_prepack(Linear(8, 4).double()) is False
+    assert can_prepack(Linear(8, 4).half()) is False
+    assert can_prepack(Linear(8, 4).bfloat16()) is (available and torch.bfloat16 in lin_mod.PACKABLE)
+    assert can_prepack(nn.Linear(8, 4)) is False  # only minillm's Linear reads a packed copy
+    lay = Linear(8, 4)
+    lay.weight = nn.Parameter(lay.weight.detach().to_sparse())
+    assert can_prepack(lay) is False
+
+
+def test_small_layers_are_not_packed():
+    big, small = Linear(512, 512), Linear(511, 512)  # 2^18 entries and just under
+    with prepacked(nn.Sequential(big, small)):
+        assert (big.packed is not None) is (lin_mod._ONEDNN_LINEAR is not None)
+        assert small.packed is None
+
+
+@needs_onednn
+def test_nested_prepacked_and_an_error_inside(any_size):
+    outer, inner = Linear(16, 8), Linear(16, 8)
+    model = nn.Sequential(outer, inner)
+    with prepacked(outer):
+        kept = outer.packed
+        with prepacked(model):
+            assert outer.packed is kept and inner.packed is not None  # the enclosing copy is not repacked
+        assert outer.packed is kept and inner.packed is None  # the inner block drops only its own
+    assert outer.packed is None
+    with pytest.raises(RuntimeError, match="boom"):
+        with prepacked(model):
+            raise RuntimeError("boom")
+    assert outer.packed is None and inner.packed is None

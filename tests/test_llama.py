@@ -541,6 +541,34 @@ def test_inference_fast_paths_equal_the_autograd_forward(name, dtype, monkeypatc
         assert onednn == (7 * model.config.num_hidden_layers + 1 if linear_mod._ONEDNN_LINEAR is not None else 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_model_gives_the_same_logits_and_tokens(dtype, monkeypatch):
+    """Inside prepacked(model) every linear reads a packed W: bf16 logits bit for bit, float32 to rounding, and
+    greedy generation (one-row products: another kernel in float32) the same tokens."""
+    from minillm import linear as linear_mod
+    from minillm.linear import prepacked
+    if dtype not in linear_mod.PACKABLE or linear_mod._ONEDNN_LINEAR is None:
+        pytest.skip("oneDNN cannot pack this dtype on this CPU")
+    monkeypatch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT", 0)  # pack the tiny model's layers too
+    model = load("tiny-qwen2", dtype=dtype)
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.inference_mode():
+        want, want_tokens = model(ids, attention_mask=mask), generate(model, ids, attention_mask=mask,
+                                                                      max_new_tokens=8)
+        with prepacked(model), torch.profiler.profile() as prof:
+            got, got_tokens = model(ids, attention_mask=mask), generate(model, ids, attention_mask=mask,
+                                                                        max_new_tokens=8)
+    packed_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert packed_calls >= 2 * (7 * model.config.num_hidden_layers + 1)  # the forward and the prompt at least
+    assert torch.equal(got_tokens, want_tokens)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() <= 1e-5
+
+
 def test_rmsnorm_without_autograd_leaves_its_input_alone():
     from minillm.models.llama import RMSNorm
     norm = RMSNorm(8, 1e-6)
