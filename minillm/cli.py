@@ -29,7 +29,8 @@ def add_generate(sub) -> None:
     p.add_argument("--model", default="tiny-gpt2", help="checkpoint directory, weights/<name>, or hub id")
     p.add_argument("--prompt", default="The movie was", help="text to continue")
     add_function_args(p, generate_text, ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
-                                         "device"])
+                                         "device", "prepack"],
+                      help={"prepack": "CPU: pack the big weights once for faster decoding (one more copy of them)"})
     p.set_defaults(func=cmd_generate)
 
 
