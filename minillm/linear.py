@@ -29,14 +29,16 @@ rounding (relative ~1e-6 for K = 2048), not bit for bit. `Linear.fast = False` o
 Prepacking (inference). oneDNN's fast kernels read W in a blocked layout (for bfloat16, pairs of
 k interleaved), not the row-major (out, in) a Parameter holds, so every call first re-packs the whole
 W. A forward reads each weight once, so that copy is ~5–10% of a 128-row product, but it is most of a
-decoding step's (one row): there the product on a packed W takes 1/3 of the time (measured here). The
+decoding step's (one row): there a bfloat16 product on a packed W takes 1/3 of the time (float32: 0.7–0.9;
+measured here; TinyLlama's bf16 greedy generation runs 2.5× faster, BENCHMARKS.md). The
 context `prepacked(model)` packs every big float32 / bfloat16 `Linear` weight once on entry and drops
 the copies on exit; inside, products without autograd read the packed copy — the same kernel on the
-same numbers, so bfloat16 results are bit for bit those outside (float32: equal to rounding, one-row
-products take another kernel). It costs one more copy of those weights while it lasts. A weight
-changed inside (an optimizer step, load_state_dict, `.to()`, a new Parameter) is seen — by its
-version counter, storage and identity — and that layer goes back to the plain product; a change
-made through `.data` bypasses the version counter and is not seen.
+same numbers, so bfloat16 results are bit for bit those outside (F.linear on contiguous rows; on a
+strided 3-D view with a bias F.linear rounds the product before adding b) and float32 ones equal to
+rounding (one-row products take another kernel). It costs one more copy of those weights while it
+lasts. A weight changed inside (an optimizer step, load_state_dict, `.to()`, a new Parameter) is
+seen — by its version counter, storage and identity — and that layer goes back to the plain product;
+an in-place change through `.data` (W.data.mul_(2)) bypasses the version counter and is not seen.
 
 Source: torch's `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` (the oneDNN linear
 and weight prepacking torch.compile's CPU backend uses); Intel oneDNN's matmul primitive and its

@@ -331,3 +331,21 @@ def test_nested_prepacked_and_an_error_inside(any_size):
         with prepacked(model):
             raise RuntimeError("boom")
     assert outer.packed is None and inner.packed is None
+
+
+def test_bfloat16_is_packed_where_onednn_runs_it(monkeypatch):
+    """bf16 joins PACKABLE exactly where oneDNN's bf16 linear runs (it refuses on CPUs without bf16 kernels)."""
+    if lin_mod._ONEDNN_LINEAR is None:
+        runs = False
+    else:
+        try:
+            lin_mod._ONEDNN_LINEAR(torch.ones(2, 8).bfloat16(), torch.ones(4, 8).bfloat16(), None, "none", [], "")
+            runs = True
+        except RuntimeError:
+            runs = False
+    assert lin_mod._bfloat16_packable() is runs and (torch.bfloat16 in lin_mod.PACKABLE) is runs
+
+    def missing():
+        raise RuntimeError("no such op")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing, raising=False)
+    assert lin_mod._bfloat16_packable() is False

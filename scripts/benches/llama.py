@@ -20,6 +20,7 @@ import tempfile
 import torch
 
 from bench import interleaved, row
+from benches.quant import rss_kb
 
 PACKED = ", prepacked"  # rows measured inside minillm.linear.prepacked(model): W packed once (one more copy)
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -31,7 +32,7 @@ def run(args) -> list[dict]:
     import transformers as tr
 
     from minillm.generation import generate
-    from minillm.linear import prepacked
+    from minillm.linear import can_prepack, prepacked
     from minillm.models.llama import LlamaForCausalLM
 
     layers = int(os.environ.get("MINILLM_BENCH_LLAMA_LAYERS", TINYLLAMA["num_hidden_layers"]))
@@ -49,6 +50,13 @@ def run(args) -> list[dict]:
             ours = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device=dev).eval()
             # loaded in `dtype`, as users do: hf.to(bfloat16) would also round its rotary inv_freq buffer to bf16
             hf = tr.LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
+        weights_mib = sum(m.weight.numel() * m.weight.element_size() for m in ours.modules() if can_prepack(m)) / 2**20
+        extra = ""
+        if dev.type == "cpu":
+            before = rss_kb("VmRSS")
+            with prepacked(ours):
+                extra = f"; the packed copies: +{(rss_kb('VmRSS') - before) / 1024:.0f} MiB RSS " \
+                        f"({weights_mib:.0f} MiB of linear weights)"
         for B, T in ((1, 128), (4, 256)):
             ids = torch.randint(0, 32000, (B, T), device=dev)
             for packed in (False, True):
@@ -57,7 +65,8 @@ def run(args) -> list[dict]:
                                                    repeat=args.repeat, sync=sync, pairs=True)
                 rows.append(row(f"{what} forward {B}x{T}, {dname}{PACKED if packed else ''}", t_ours * 1e3,
                                 t_ref * 1e3, "ms", target=1.0, ratio=r,
-                                note=f"medians of {args.repeat} calls in turn; ratio: median of the pair ratios"))
+                                note=f"medians of {args.repeat} calls in turn; ratio: median of the pair ratios"
+                                     + (extra if packed else "")))
         prompt = torch.randint(0, 32000, (1, 16), device=dev)
         new = 32
         ref_gen = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt),  # noqa: E731
@@ -69,6 +78,7 @@ def run(args) -> list[dict]:
                                                repeat=max(2, args.repeat // 2), sync=sync, pairs=True)
             rows.append(row(f"{what} greedy generation, {new} new tokens, {dname}{PACKED if packed else ''}",
                             new / t_ours, new / t_ref, "tokens/s", better="higher", target=1.0, ratio=1 / r,
-                            note=("same tokens" if same else "TOKENS DIFFER") + "; ratio: median of the pair ratios"))
+                            note=("same tokens" if same else "TOKENS DIFFER") + "; ratio: median of the pair ratios"
+                                 + (extra if packed else "")))
         del hf, ours
     return rows
