@@ -349,3 +349,21 @@ def test_bfloat16_is_packed_where_onednn_runs_it(monkeypatch):
         raise RuntimeError("no such op")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing, raising=False)
     assert lin_mod._bfloat16_packable() is False
+
+
+@needs_onednn
+def test_prepacked_follows_a_lora_merge_inside(any_size):
+    """Merging LoRA into the base weight inside prepacked (W += s·B A, in place) is seen: the merged layer
+    gives what the unmerged one gave, not the stale packed W's product."""
+    from minillm.lora import LoRALinear
+    torch.manual_seed(0)
+    layer = LoRALinear(Linear(64, 32), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)  # B = 0 at init would make the delta vanish
+    x = torch.randn(5, 64)
+    with prepacked(layer), torch.no_grad():
+        assert layer.base_layer.packed is not None
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    assert (merged - layer.base_layer.bias - x @ layer.base_layer.weight.t()).abs().max() < 1e-4
