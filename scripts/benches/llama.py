@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from bench import interleaved, row
-from benches.quant import rss_kb
+from benches.quant import reset_peak_rss, rss_kb
 
 PACKED = ", prepacked"  # rows measured inside minillm.linear.prepacked(model): W packed once (one more copy)
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -53,6 +53,7 @@ def run(args) -> list[dict]:
         weights_mib = sum(m.weight.numel() * m.weight.element_size() for m in ours.modules() if can_prepack(m)) / 2**20
         extra = ""
         if dev.type == "cpu":
+            reset_peak_rss()  # hand memory freed earlier back to the OS, or the copies would reuse it unseen
             before = rss_kb("VmRSS")
             with prepacked(ours):
                 extra = f"; the packed copies: +{(rss_kb('VmRSS') - before) / 1024:.0f} MiB RSS " \
