@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -293,10 +292,10 @@ class Linear4bit(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False,
+    def from_linear(cls, layer: nn.Linear, blocksize: int = 64, double_quant: bool = False,
                     compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
-        packed, state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(linear.in_features, linear.out_features, packed, state, linear.bias, compute_dtype)
+        packed, state = quantize_nf4(layer.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(layer.in_features, layer.out_features, packed, state, layer.bias, compute_dtype)
 
     def _store(self, state: NF4State) -> None:
         bits = lambda t: t.contiguous().view(torch.int32)  # noqa: E731  float32 -> its bit pattern
