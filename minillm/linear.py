@@ -131,7 +131,7 @@ class Linear(nn.Linear):
     Inside `prepacked(model)`, products without autograd read the packed copy of W (see there)."""
 
     fast: bool = True
-    packed: Optional[tuple] = None  # (weakref to W, W's version, W's storage address, packed W): prepacked()
+    packed: Optional["PackedWeight"] = None  # set inside prepacked()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.fast and not torch.is_grad_enabled():
@@ -142,15 +142,14 @@ class Linear(nn.Linear):
 
     def _packed_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The packed W when it is still this layer's W, unchanged, and x is a plain CPU tensor of its dtype."""
-        ref, version, address, packed = self.packed
-        w, b = self.weight, self.bias
-        if ref() is not w or w._version != version or w.data_ptr() != address:
+        p, w, b = self.packed, self.weight, self.bias
+        if p.source() is not w or w._version != p.version or w.data_ptr() != p.address:
             return None  # W was replaced, changed in place or moved since it was packed
         if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != w.dtype or x.layout != torch.strided
                 or (b is not None and b.dtype != w.dtype) or torch.is_autocast_enabled("cpu")
                 or torch.compiler.is_compiling()):
             return None
-        return packed
+        return p.tensor
 
 
 def set_fast(model: nn.Module, fast: bool) -> None:
@@ -169,6 +168,21 @@ def _bfloat16_packable() -> bool:
 
 
 PACKABLE = (torch.float32, torch.bfloat16) if _bfloat16_packable() else (torch.float32,)
+
+
+class PackedWeight:
+    """A Linear's W packed by oneDNN (`tensor`, opaque), with what it was packed from: a weak reference to W,
+    W's version counter and storage address. A deep copy of the layer is left unpacked (the packed tensor
+    has no storage to copy, and the copy's W is another tensor)."""
+
+    __slots__ = ("source", "version", "address", "tensor")
+
+    def __init__(self, weight: torch.Tensor):
+        self.source, self.version, self.address = weakref.ref(weight), weight._version, weight.data_ptr()
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)  # (out, in), blocked inside
+
+    def __deepcopy__(self, memo) -> None:
+        return None
 
 
 def can_prepack(layer: nn.Module) -> bool:
@@ -194,9 +208,7 @@ def prepacked(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for m in model.modules():
                 if can_prepack(m) and m.packed is None:
-                    w = m.weight
-                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)  # (out, in), blocked inside
-                    m.packed = (weakref.ref(w), w._version, w.data_ptr(), packed)
+                    m.packed = PackedWeight(m.weight)
                     mine.append(m)
         yield model
     finally:

@@ -230,7 +230,7 @@ def test_prepacked_bfloat16_is_bit_for_bit_the_plain_product(shape, any_size):
         # on contiguous rows (and oneDNN always) the bias joins the float32 sum: compare with those
         want = model(x.contiguous())
         with prepacked(model) as m:
-            assert m is model and all(isinstance(l.packed, tuple) for l in (model[0], model[2]))
+            assert m is model and all(isinstance(l.packed, lin_mod.PackedWeight) for l in (model[0], model[2]))
             got = model(x)
             assert "mkldnn::_linear_pointwise" in _ops(lambda: model(x))  # packed W: the oneDNN op itself
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: model(x))  # bf16 outside: F.linear (aten::mm)
@@ -281,7 +281,7 @@ def test_prepacked_leaves_autograd_autocast_and_other_dtypes_to_the_plain_path(a
         assert _close_to_float64(dx, torch.ones(4, 32), layer.weight.detach().t(), None)
         x = x.detach()
         with torch.no_grad():
-            assert layer._packed_weight(x) is layer.packed[3]
+            assert layer._packed_weight(x) is layer.packed.tensor
             assert layer._packed_weight(x.double()) is None  # a dtype the packed W is not in
             assert layer._packed_weight(x.to_sparse()) is None
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -293,7 +293,7 @@ def test_prepacked_leaves_autograd_autocast_and_other_dtypes_to_the_plain_path(a
             monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
             assert layer._packed_weight(x) is None  # torch.compile traces F.linear
             monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-            assert layer._packed_weight(x) is layer.packed[3]
+            assert layer._packed_weight(x) is layer.packed.tensor
             layer.fast = False  # fast=False is F.linear exactly, packed or not
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -367,3 +367,18 @@ def test_prepacked_follows_a_lora_merge_inside(any_size):
         merged = layer(x)
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
     assert (merged - layer.base_layer.bias - x @ layer.base_layer.weight.t()).abs().max() < 1e-4
+
+
+
+@needs_onednn
+def test_a_deep_copy_inside_prepacked_is_unpacked_and_right(any_size):
+    """copy.deepcopy inside the block (a reference model, say): the copy has its own W and no packed copy."""
+    import copy
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Linear(64, 32), Linear(32, 8)), torch.randn(3, 64)
+    with prepacked(model), torch.no_grad():
+        twin = copy.deepcopy(model)
+        assert model[0].packed is not None and twin[0].packed is None and twin[1].packed is None
+        twin[0].weight.mul_(2.0)
+        assert _close_to_float64(twin[0](x), x, twin[0].weight, twin[0].bias)
+        assert _close_to_float64(model[0](x), x, model[0].weight, model[0].bias)
