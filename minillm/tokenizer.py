@@ -12,7 +12,6 @@ Source: the hub tokenizer layout; Hugging Face `tokenizers` documentation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 

@@ -33,7 +33,6 @@ dynamic padding); trl's DataCollatorForCompletionOnlyLM for the masking idea.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch

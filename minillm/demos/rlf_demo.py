@@ -34,7 +34,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from minillm import hub
 from minillm.data.seq2seq import Seq2SeqCollator, encode_seq2seq
 from minillm.demos import synthetic_summaries as ss
 from minillm.demos.rlhf_report import finish, samples_and_checks

@@ -241,7 +241,7 @@ def _run(cfg, device, out_dir, plot, log, build_encoders, report: bool = True) -
         seconds = time.perf_counter() - t0
         preds, probs = predict(model, collate, test_set, device, cfg.eval_batch_size)
         acc = accuracy_by_type(test_set, preds)
-        log(f"  held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({seconds:.0f}s training)")
+        log("  held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({seconds:.0f}s training)")
         result[fusion] = {"accuracy": acc, "losses": losses, "seconds": seconds, "parameters": n_params,
                           "examples": [(r["question"], r["answer"], p, q) for r, p, q in
                                        zip(test_set[:10], preds[:10], probs[:10])]}

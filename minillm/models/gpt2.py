@@ -22,13 +22,12 @@ transformers' modeling_gpt2.py for names and layout; nanoGPT's model.py for the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from minillm import hub

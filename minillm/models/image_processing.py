@@ -22,11 +22,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minillm import hub
 from minillm.configs import as_config_dict, config_from_dict

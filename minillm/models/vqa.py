@@ -31,7 +31,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minillm.linear import Linear
 from minillm.losses import mean_pool

@@ -313,7 +313,6 @@ class PPOTrainer:
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict:
         """One PPO step on a batch of left-padded prompts. Returns the step's statistics."""
-        cfg = self.cfg
         ro = self.rollout(prompt_ids, prompt_mask)
         prompts, responses = self.decode(ro)
         scores = self.score_fn(prompts, responses)

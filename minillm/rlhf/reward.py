@@ -36,7 +36,6 @@ from minillm.data.preference import RewardPairCollator, join_text
 from minillm.data.readers import DataError
 from minillm.losses import last_token_index
 from minillm.models.auto import KINDS, load_model, model_type
-from minillm.models.layers import hidden_size
 
 
 def _check_pair_tensors(r_chosen: torch.Tensor, r_rejected: torch.Tensor,

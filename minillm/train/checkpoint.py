@@ -34,7 +34,6 @@ rng_state) with pickle replaced by safetensors + JSON.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os

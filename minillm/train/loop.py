@@ -64,7 +64,7 @@ from minillm.data.batching import length_grouped
 from minillm.hub import CheckpointError
 from minillm.losses import lm_loss_sum, token_loss_sum
 from minillm.train.checkpoint import (directory_lock, latest_checkpoint, load_checkpoint, read_trainer_state,
-                                      save_checkpoint, unwrap)
+                                      save_checkpoint)
 from minillm.train.device import pick_device
 from minillm.train.runlog import RunLog, format_eta
 from minillm.train.schedule import SCHEDULES, lr_factor
