@@ -30,7 +30,7 @@ Prepacking (inference). oneDNN's fast kernels read W in a blocked layout (for bf
 k interleaved), not the row-major (out, in) a Parameter holds, so every call first re-packs the whole
 W. A forward reads each weight once, so that copy is ~5–10% of a 128-row product, but it is most of a
 decoding step's (one row): there a bfloat16 product on a packed W takes 1/3 of the time (float32: 0.7–0.9;
-measured here; TinyLlama's bf16 greedy generation runs 2.5× faster, BENCHMARKS.md). The
+measured here; TinyLlama's bf16 greedy generation runs 2.1–2.5× faster, BENCHMARKS.md). The
 context `prepacked(model)` packs every big float32 / bfloat16 `Linear` weight once on entry and drops
 the copies on exit; inside, products without autograd read the packed copy — the same kernel on the
 same numbers, so bfloat16 results are bit for bit those outside (F.linear on contiguous rows; on a
