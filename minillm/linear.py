@@ -70,18 +70,28 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 ONEDNN_MIN_WEIGHT = 1 << 18  # entries of W from which a layer's products go to oneDNN
 
 
+def _onednn_may_run() -> bool:
+    """oneDNN's op is there, no CPU autocast (F.linear casts to the autocast dtype; the op would not) and
+    no torch.compile tracing (it traces F.linear)."""
+    return _ONEDNN_LINEAR is not None and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+
+
+def _dense_cpu(t: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
+    """A plain (or Parameter) strided CPU tensor of `dtype`; None (no bias) passes."""
+    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+                         and t.layout == torch.strided)
+
+
+def _big_enough(weight: torch.Tensor) -> bool:
+    """A 2-D W of ≥ 2¹⁸ entries: below, oneDNN's per-call overhead outweighs its faster arithmetic."""
+    return weight.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHT
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """True when `linear` sends this product to oneDNN: float32 dense CPU tensors, a product big enough,
     no CPU autocast, not being traced by torch.compile."""
-    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False  # under autocast F.linear casts to the autocast dtype; oneDNN's op would not
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != torch.float32
-           or t.layout != torch.strided for t in tensors):
-        return False
-    if weight.dim() != 2 or weight.numel() < ONEDNN_MIN_WEIGHT:
-        return False  # too small: oneDNN's per-call overhead outweighs its faster arithmetic
-    return True
+    return (_onednn_may_run() and all(_dense_cpu(t, torch.float32) for t in (x, weight, bias))
+            and _big_enough(weight))
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -145,9 +155,7 @@ class Linear(nn.Linear):
         p, w, b = self.packed, self.weight, self.bias
         if p.source() is not w or w._version != p.version or w.data_ptr() != p.address:
             return None  # W was replaced, changed in place or moved since it was packed
-        if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != w.dtype or x.layout != torch.strided
-                or (b is not None and b.dtype != w.dtype) or torch.is_autocast_enabled("cpu")
-                or torch.compiler.is_compiling()):
+        if not (_onednn_may_run() and _dense_cpu(x, w.dtype) and _dense_cpu(b, w.dtype)):
             return None
         return p.tensor
 
@@ -187,10 +195,10 @@ class PackedWeight:
 
 def can_prepack(layer: nn.Module) -> bool:
     """True for a `Linear` whose W `prepacked` packs: a dense CPU float32 / bfloat16 W with ≥ 2¹⁸ entries."""
-    w = getattr(layer, "weight", None)
-    return (_ONEDNN_LINEAR is not None and isinstance(layer, Linear) and type(w) in (torch.Tensor, nn.Parameter)
-            and w.device.type == "cpu" and w.dtype in PACKABLE and w.layout == torch.strided and w.dim() == 2
-            and w.numel() >= ONEDNN_MIN_WEIGHT)
+    if _ONEDNN_LINEAR is None or not isinstance(layer, Linear):
+        return False
+    w = layer.weight
+    return w is not None and any(_dense_cpu(w, d) for d in PACKABLE) and _big_enough(w)
 
 
 @contextmanager
